@@ -1,0 +1,160 @@
+"""The encoding contract: every setting that decides what an embedding means.
+
+A contract is saved as JSON beside every exported model and every index, and
+the encoding code (training collator, corpus encoder, query encoder) reads its
+settings from here and nowhere else. Searching an index with a model whose
+contract differs is refused (:func:`check_compatible`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CONTRACT_FILE = "raysys_contract.json"
+Pooling = Literal["cls", "mean", "last"]
+Kind = Literal["query", "passage"]
+
+# Fields that change the vector space; a mismatch on any of them is refused.
+_SPACE_FIELDS = (
+    "model",
+    "query_prefix",
+    "passage_prefix",
+    "pooling",
+    "append_eos",
+    "normalize",
+    "bidirectional",
+    "use_title",
+    "dim",
+)
+
+
+class ContractError(ValueError):
+    """Raised when a contract is invalid or two contracts disagree."""
+
+
+@dataclass
+class EncodingContract:
+    """How texts become vectors.
+
+    ``query_prefix`` may be an instruction template such as
+    ``"Instruct: {instruction}\\nQuery: "`` (E5-mistral); ``{instruction}`` is
+    filled from ``instruction`` when the contract is validated.
+    """
+
+    model: str = ""
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    instruction: str = ""
+    pooling: Pooling = "mean"
+    append_eos: bool = False
+    query_max_len: int = 64
+    passage_max_len: int = 256
+    normalize: bool = True
+    bidirectional: bool = False
+    use_title: bool = True
+    dim: int | None = None
+    # Where the weights are when the export is an adapter (LoRA) over a base.
+    base_model: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.pooling not in ("cls", "mean", "last"):
+            raise ContractError(f"contract.pooling must be cls, mean or last, not {self.pooling!r}")
+        for name in ("query_max_len", "passage_max_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 2:
+                raise ContractError(f"contract.{name} must be an integer >= 2, not {v!r}")
+        if "{instruction}" in self.query_prefix and not self.instruction:
+            raise ContractError(
+                "contract.query_prefix has an {instruction} slot but contract.instruction is empty"
+            )
+
+    # -- formatting ---------------------------------------------------------
+    def format_query(self, text: str) -> str:
+        prefix = self.query_prefix.replace("{instruction}", self.instruction)
+        return prefix + text
+
+    def format_passage(self, text: str, title: str | None = None) -> str:
+        body = text
+        if self.use_title and title:
+            body = f"{title} {text}" if text else title
+        return self.passage_prefix + body
+
+    def max_len(self, kind: Kind) -> int:
+        return self.query_max_len if kind == "query" else self.passage_max_len
+
+    def tokenize(self, tokenizer: Any, texts: list[str], kind: Kind) -> dict[str, Any]:
+        """Tokenize already-formatted texts under this contract; returns padded tensors.
+
+        With ``append_eos`` the text is truncated to ``max_len - 1`` tokens and
+        the tokenizer's EOS id is appended (RepLLaMA), so the last real token is
+        always EOS whatever the truncation.
+        """
+        max_len = self.max_len(kind)
+        # Cut pathological (megabyte) texts before tokenizing: no tokenizer
+        # needs more than 64 characters per kept token.
+        texts = [t[: max_len * 64] for t in texts]
+        if self.append_eos:
+            if tokenizer.eos_token_id is None:
+                raise ContractError("contract.append_eos is set but the tokenizer has no EOS token")
+            enc = tokenizer(
+                texts,
+                add_special_tokens=True,
+                truncation=True,
+                max_length=max_len - 1,
+                padding=False,
+                return_attention_mask=False,
+            )
+            ids = [list(x) + [tokenizer.eos_token_id] for x in enc["input_ids"]]
+            return tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        return tokenizer(
+            texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt"
+        )
+
+    # -- persistence ----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EncodingContract:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ContractError(f"unknown contract field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONTRACT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> EncodingContract:
+        path = Path(directory) / CONTRACT_FILE
+        if not path.is_file():
+            raise ContractError(f"no encoding contract at {path}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def exists(cls, directory: str | Path) -> bool:
+        return (Path(directory) / CONTRACT_FILE).is_file()
+
+
+def check_compatible(index_contract: EncodingContract, query_contract: EncodingContract) -> None:
+    """Refuse to search an index with a query encoder of another vector space."""
+    diffs = [
+        f"{name}: index has {getattr(index_contract, name)!r}, "
+        f"query encoder has {getattr(query_contract, name)!r}"
+        for name in _SPACE_FIELDS
+        if getattr(index_contract, name) != getattr(query_contract, name)
+    ]
+    if diffs:
+        raise ContractError("encoding contract mismatch:\n  " + "\n  ".join(diffs))

@@ -1,0 +1,1 @@
+"""Data: corpus/queries/qrels readers, training groups and collators."""

@@ -1,0 +1,225 @@
+"""Readers for corpora, queries and qrels: BEIR folders, JSONL and Parquet.
+
+Every reader is strict about structure and honest about loss: a malformed line
+raises :class:`DataError` naming the file and line (or, with
+``on_bad_line="skip"``, is counted in a :class:`Report`); a missing field, an
+empty text or a duplicate id is counted and skipped, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+ID_FIELDS = ("_id", "id", "docid", "doc_id", "pid", "query_id", "qid")
+TEXT_FIELDS = ("text", "contents", "body", "passage", "query", "query_text")
+
+
+class DataError(ValueError):
+    """Input data is malformed; the message says where."""
+
+
+@dataclass
+class Report:
+    """Counts of what was skipped, with a few examples of each reason."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, example: str) -> None:
+        self.counts[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < 5:
+            ex.append(example)
+
+    def merge(self, other: Report) -> None:
+        for k, v in other.counts.items():
+            self.counts[k] += v
+            self.examples.setdefault(k, []).extend(
+                other.examples.get(k, [])[: 5 - len(self.examples.get(k, []))]
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"skipped": dict(self.counts), "examples": self.examples}
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "nothing skipped"
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
+
+
+def iter_jsonl(
+    path: str | Path, report: Report | None = None, on_bad_line: str = "error"
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, object)`` for each non-blank line of a JSONL file."""
+    path = Path(path)
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+            except ValueError as e:
+                msg = f"{path}:{lineno}: malformed line: {e}"
+                if on_bad_line == "skip" and report is not None:
+                    report.skip("malformed lines", msg)
+                    log.warning(msg)
+                    continue
+                raise DataError(msg) from None
+            yield lineno, obj
+
+
+def iter_records(
+    path: str | Path, report: Report | None = None, on_bad_line: str = "error"
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(location, record)`` from a JSONL or Parquet file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"no such file: {path}")
+    if path.suffix == ".parquet" or path.is_dir():
+        table = pq.read_table(path)
+        for i, rec in enumerate(table.to_pylist()):
+            yield f"{path}:row {i}", rec
+    else:
+        for lineno, rec in iter_jsonl(path, report, on_bad_line):
+            yield f"{path}:{lineno}", rec
+
+
+def _first(rec: dict[str, Any], names: tuple[str, ...]) -> Any:
+    for n in names:
+        if n in rec and rec[n] is not None:
+            return rec[n]
+    return None
+
+
+def read_corpus(
+    path: str | Path, report: Report | None = None, on_bad_line: str = "error"
+) -> pa.Table:
+    """Read a corpus (BEIR ``corpus.jsonl``, JSONL or Parquet with id/title/text).
+
+    Returns a table with string columns ``id``, ``title``, ``text``. Records with
+    no id, or no text and no title, and repeated ids are counted and skipped.
+    """
+    report = report if report is not None else Report()
+    ids: list[str] = []
+    titles: list[str] = []
+    texts: list[str] = []
+    seen: set[str] = set()
+    for loc, rec in iter_records(path, report, on_bad_line):
+        pid = _first(rec, ID_FIELDS)
+        if pid is None:
+            report.skip("corpus records without an id", loc)
+            continue
+        pid = str(pid)
+        title = str(rec.get("title") or "")
+        text = _first(rec, TEXT_FIELDS)
+        text = "" if text is None else str(text)
+        if not text.strip() and not title.strip():
+            report.skip("corpus records with empty text", f"{loc} (id {pid})")
+            continue
+        if pid in seen:
+            report.skip("duplicate corpus ids", f"{loc} (id {pid})")
+            continue
+        seen.add(pid)
+        ids.append(pid)
+        titles.append(title)
+        texts.append(text)
+    if report.counts:
+        log.warning("corpus %s: %s", path, report.summary())
+    return pa.table({"id": ids, "title": titles, "text": texts})
+
+
+def read_queries(
+    path: str | Path, report: Report | None = None, on_bad_line: str = "error"
+) -> dict[str, str]:
+    """Read queries (BEIR ``queries.jsonl``, JSONL or Parquet) into ``{id: text}``."""
+    report = report if report is not None else Report()
+    out: dict[str, str] = {}
+    for loc, rec in iter_records(path, report, on_bad_line):
+        qid = _first(rec, ("_id", "id", "query_id", "qid"))
+        text = _first(rec, ("text", "query", "query_text"))
+        if qid is None:
+            report.skip("queries without an id", loc)
+            continue
+        if text is None or not str(text).strip():
+            report.skip("queries with empty text", f"{loc} (id {qid})")
+            continue
+        if str(qid) in out:
+            report.skip("duplicate query ids", f"{loc} (id {qid})")
+            continue
+        out[str(qid)] = str(text)
+    return out
+
+
+def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+    """Read a TREC or BEIR qrels file into ``{query_id: {doc_id: relevance}}``.
+
+    Accepts BEIR's TSV with a ``query-id corpus-id score`` header and TREC's
+    ``qid 0 docid rel`` lines.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such qrels file: {path}")
+    qrels: dict[str, dict[str, int]] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
+            if len(row) == 1:
+                row = row[0].split()
+            if not row or (
+                lineno == 1 and row[0].strip().lower() in ("query-id", "query_id", "qid")
+            ):
+                continue
+            try:
+                if len(row) == 3:
+                    qid, did, rel = row
+                elif len(row) == 4:
+                    qid, _, did, rel = row
+                else:
+                    raise ValueError(f"expected 3 or 4 columns, got {len(row)}")
+                qrels.setdefault(qid.strip(), {})[did.strip()] = int(float(rel))
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: malformed qrels line: {e}") from None
+    return qrels
+
+
+@dataclass
+class BeirFolder:
+    """A BEIR dataset folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        for name in ("corpus.jsonl", "queries.jsonl"):
+            if not (self.root / name).is_file():
+                raise DataError(f"{self.root} is not a BEIR folder: {name} is missing")
+
+    @property
+    def corpus_path(self) -> Path:
+        return self.root / "corpus.jsonl"
+
+    def corpus(self, report: Report | None = None) -> pa.Table:
+        return read_corpus(self.corpus_path, report)
+
+    def queries(self, report: Report | None = None) -> dict[str, str]:
+        return read_queries(self.root / "queries.jsonl", report)
+
+    def qrels(self, split: str) -> dict[str, dict[str, int]]:
+        path = self.root / "qrels" / f"{split}.tsv"
+        if not path.is_file():
+            have = sorted(p.stem for p in (self.root / "qrels").glob("*.tsv"))
+            raise DataError(f"{self.root}: no qrels split {split!r} (have {have})")
+        return read_qrels(path)

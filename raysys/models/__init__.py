@@ -1,0 +1,1 @@
+"""Models: the embedder (pooling, bidirectional attention, LoRA) and model resolution."""

@@ -1,0 +1,1 @@
+"""Training: Ray Train `train_func`, DeepSpeed engine, checkpoints and export."""

@@ -1,0 +1,81 @@
+"""DeepSpeed configuration and initialisation for a raysys training run."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def setup_accelerator_env(use_gpu: bool) -> None:
+    """Select DeepSpeed's accelerator before deepspeed is imported (CPU: gloo)."""
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR",
+        os.path.join(os.path.expanduser("~"), ".cache", "raysys", "torch_extensions"),
+    )
+
+
+def deepspeed_config(train: Any, world_size: int) -> dict[str, Any]:
+    """Build the DeepSpeed config dict from a :class:`raysys.config.TrainConfig`."""
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.zero_stage == 3:
+        zero.update(
+            {
+                "stage3_gather_16bit_weights_on_model_save": True,
+                # Small models: do not hold back parameter prefetch/persistence.
+                "stage3_param_persistence_threshold": 0,
+            }
+        )
+    return {
+        "train_micro_batch_size_per_gpu": train.per_device_queries,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.per_device_queries * train.grad_accum * world_size,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_linear(total_steps: int, warmup_ratio: float):
+    """LR multiplier: linear warm-up, then linear decay to zero at ``total_steps``."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return f
+
+
+def initialize(model: nn.Module, train: Any, ds_config: dict[str, Any], total_steps: int):
+    """``deepspeed.initialize`` with a client AdamW (no compiled optimizer op) and schedule.
+
+    The model goes to DeepSpeed directly: Ray's ``prepare_model`` must not wrap
+    it first (double all-reduce under ZeRO-2, crash under ZeRO-3).
+    """
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # DeepSpeed drops empty groups, which would desynchronise the scheduler.
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear(total_steps, train.warmup_ratio)
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, optimizer, scheduler

@@ -1,0 +1,124 @@
+"""Tiny offline models and toy data for tests (random init, built in seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WORDS = [f"w{i}" for i in range(200)] + [
+    "the",
+    "a",
+    "of",
+    "and",
+    "topic",
+    "about",
+    "query",
+    "passage",
+    ":",
+]
+
+
+def _word_tokenizer(special: dict[str, str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(list(special.values()) + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=special["unk_token"]))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **special)
+
+
+def tiny_llama(path: Path, model_type: str = "llama", padding_side: str = "right") -> Path:
+    """A 2-layer random decoder (llama, mistral, qwen2, qwen3) with a word-level tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = _word_tokenizer(
+        {"unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+    )
+    tok.padding_side = padding_side
+    tok.save_pretrained(path)
+    kw = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    if model_type in ("qwen3",):
+        kw["head_dim"] = 8
+    config = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(path)
+    return path
+
+
+def tiny_bert(path: Path) -> Path:
+    """A 2-layer random BERT with a word-level tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = _word_tokenizer(
+        {
+            "unk_token": "[UNK]",
+            "pad_token": "[PAD]",
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "mask_token": "[MASK]",
+        }
+    )
+    from tokenizers import processors
+
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", tok.cls_token_id), ("[SEP]", tok.sep_token_id)],
+    )
+    tok.save_pretrained(path)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+def toy_groups(path: Path, n: int = 64, n_neg: int = 3, seed: int = 0) -> Path:
+    """Learnable toy task: query `topic wK` matches the passage that mentions wK."""
+    import random
+
+    rng = random.Random(seed)
+    corpus = []
+    for k in range(n):
+        filler = " ".join(rng.choice(WORDS[100:200]) for _ in range(6))
+        corpus.append({"_id": f"d{k}", "title": "", "text": f"about w{k} {filler}"})
+    with (path / "corpus.jsonl").open("w") as f:
+        for d in corpus:
+            f.write(json.dumps(d) + "\n")
+    with (path / "groups.jsonl").open("w") as f:
+        for k in range(n):
+            negs = rng.sample([f"d{j}" for j in range(n) if j != k], n_neg)
+            f.write(
+                json.dumps(
+                    {
+                        "query_id": f"q{k}",
+                        "query": f"topic w{k}",
+                        "positives": [f"d{k}"],
+                        "negatives": negs,
+                    }
+                )
+                + "\n"
+            )
+    return path

@@ -1,0 +1,49 @@
+import math
+
+import pytest
+import torch
+
+from raysys.losses import info_nce
+
+
+def test_in_batch_matches_hand_computation():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [1.0, 1.0]])  # group size 2
+    loss = info_nce(q, p, group_size=2, temperature=1.0)
+    s0 = [1.0, 0.5, 0.0, 1.0]  # q0 against all passages; target 0
+    s1 = [0.0, 0.5, 1.0, 1.0]  # q1; target 2
+    expect = (
+        -s0[0]
+        + math.log(sum(math.exp(x) for x in s0))
+        - s1[2]
+        + math.log(sum(math.exp(x) for x in s1))
+    ) / 2
+    assert loss.item() == pytest.approx(expect, abs=1e-6)
+
+
+def test_group_only_ignores_other_groups():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [1.0, 1.0]])
+    loss = info_nce(q, p, group_size=2, temperature=1.0, in_batch=False)
+    e0 = -1.0 + math.log(math.exp(1.0) + math.exp(0.5))
+    e1 = -1.0 + math.log(math.exp(1.0) + math.exp(1.0))
+    assert loss.item() == pytest.approx((e0 + e1) / 2, abs=1e-6)
+
+
+def test_false_negative_mask_removes_known_positives():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4)
+    p = torch.randn(4, 4)
+    ids = ["a", "n1", "b", "a"]  # q0's positive "a" reappears as q1's negative
+    pos = [{"a"}, {"b"}]
+    masked = info_nce(q, p, group_size=2, temperature=0.1, passage_ids=ids, query_positive_ids=pos)
+    # q0 must not see column 3 (its own positive again); q1 sees everything.
+    s = q @ p.T / 0.1
+    l0 = torch.logsumexp(s[0, :3], 0) - s[0, 0]
+    l1 = torch.logsumexp(s[1], 0) - s[1, 2]
+    assert masked.item() == pytest.approx(((l0 + l1) / 2).item(), rel=1e-5)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="expected 6 passages"):
+        info_nce(torch.randn(2, 3), torch.randn(5, 3), group_size=3, temperature=1.0)

@@ -90,8 +90,8 @@ class EncodingContract:
     def max_len(self, kind: Kind) -> int:
         return self.query_max_len if kind == "query" else self.passage_max_len
 
-    def tokenize(self, tokenizer: Any, texts: list[str], kind: Kind) -> dict[str, Any]:
-        """Tokenize already-formatted texts under this contract; returns padded tensors.
+    def token_ids(self, tokenizer: Any, texts: list[str], kind: Kind) -> list[list[int]]:
+        """Unpadded token ids of already-formatted texts under this contract.
 
         With ``append_eos`` the text is truncated to ``max_len - 1`` tokens and
         the tokenizer's EOS id is appended (RepLLaMA), so the last real token is
@@ -105,18 +105,20 @@ class EncodingContract:
             if tokenizer.eos_token_id is None:
                 raise ContractError("contract.append_eos is set but the tokenizer has no EOS token")
             enc = tokenizer(
-                texts,
-                add_special_tokens=True,
-                truncation=True,
-                max_length=max_len - 1,
-                padding=False,
-                return_attention_mask=False,
+                texts, truncation=True, max_length=max_len - 1, return_attention_mask=False
             )
-            ids = [list(x) + [tokenizer.eos_token_id] for x in enc["input_ids"]]
-            return tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
-        return tokenizer(
-            texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt"
-        )
+            return [list(x) + [tokenizer.eos_token_id] for x in enc["input_ids"]]
+        enc = tokenizer(texts, truncation=True, max_length=max_len, return_attention_mask=False)
+        return [list(x) for x in enc["input_ids"]]
+
+    @staticmethod
+    def pad(tokenizer: Any, ids: list[list[int]]) -> dict[str, Any]:
+        """Pad token id lists (tokenizer's padding side) into tensors."""
+        return tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+
+    def tokenize(self, tokenizer: Any, texts: list[str], kind: Kind) -> dict[str, Any]:
+        """Tokenize already-formatted texts under this contract; returns padded tensors."""
+        return self.pad(tokenizer, self.token_ids(tokenizer, texts, kind))
 
     # -- persistence ----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

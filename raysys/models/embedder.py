@@ -170,11 +170,11 @@ def build_backbone(
             else AutoModel.from_pretrained(path)
         )
     if gradient_checkpointing:
-        enable = (
-            getattr(backbone, "activation_checkpointing_enable", None)
-            or backbone.gradient_checkpointing_enable
-        )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if lora is not None and lora.enabled:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model

@@ -15,10 +15,15 @@ from raysys.data.readers import DataError
 log = logging.getLogger("raysys")
 
 
+def _config_path(args: argparse.Namespace) -> str | None:
+    """`-` (or `none`) means: no config file, defaults plus overrides."""
+    return None if args.config in ("-", "none") else args.config
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from raysys.train.launch import run_training
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(_config_path(args), args.overrides)
     out = Path(args.out or cfg.out or "runs/train")
     outcome = run_training(cfg, out)
     last = outcome.history[-1] if outcome.history else {}
@@ -39,6 +44,97 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from raysys.pipeline import run_pipeline
+
+    cfg = load_config(_config_path(args), args.overrides)
+    metrics = run_pipeline(cfg, args.out)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from raysys.index.encode import encode_corpus
+
+    cfg = load_config(_config_path(args), args.overrides)
+    corpus = args.corpus or cfg.data.path
+    if not corpus:
+        raise ConfigError("give --corpus or data=PATH")
+    m = encode_corpus(
+        corpus,
+        args.out,
+        cfg.model.path,
+        cfg.encoding_contract(),
+        cfg.encode,
+        on_bad_line=cfg.data.on_bad_line,
+    )
+    print(
+        json.dumps(
+            {
+                "passages": m["corpus"]["rows"],
+                "shards": len(m["done"]),
+                "dim": m["dim"],
+                "skipped": m["corpus"]["skipped"],
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from raysys.index.build import build_index
+    from raysys.index.encode import EMB_DIR
+
+    cfg = load_config(_config_path(args), args.overrides)
+    emb = Path(args.embeddings)
+    if (emb / EMB_DIR).is_dir():
+        emb = emb / EMB_DIR
+    m = build_index(
+        emb,
+        args.out,
+        cfg.index.factory,
+        train_sample=cfg.index.train_sample,
+        ondisk=cfg.index.ondisk,
+        seed=cfg.index.seed,
+    )
+    print(json.dumps({k: m[k] for k in ("factory", "count", "dim", "nprobe", "ondisk")}, indent=2))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from raysys.data.readers import read_queries
+    from raysys.search.retrieve import Searcher
+    from raysys.search.runfile import write_run
+
+    cfg = load_config(_config_path(args), args.overrides)
+    searcher = Searcher(args.index, cfg.model.path, cfg.encoding_contract())
+    queries = read_queries(args.queries)
+    qids = sorted(queries)
+    s = cfg.search
+    run = searcher.search(
+        qids,
+        searcher.encode([queries[q] for q in qids], s.batch_size),
+        topk=s.topk,
+        nprobe=s.nprobe,
+        drop_self_hits=s.drop_self_hits,
+    )
+    print(write_run(run, args.run))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from raysys.data.readers import read_qrels
+    from raysys.eval import evaluate, write_metrics
+    from raysys.search.runfile import read_run
+
+    metrics = evaluate(read_qrels(args.qrels), read_run(args.run))
+    if args.out:
+        write_metrics(metrics, args.out)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from raysys.data.demo import build_demo_beir
 
@@ -56,6 +152,40 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.zero_stage=3")
     t.add_argument("--out", help="output directory (default: config `out`, else runs/train)")
     t.set_defaults(func=_cmd_train)
+
+    pl = sub.add_parser("pipeline", help="train -> encode -> index -> search -> evaluate")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*")
+    pl.add_argument("--out", required=True)
+    pl.set_defaults(func=_cmd_pipeline)
+
+    e = sub.add_parser("encode", help="encode a corpus into embedding shards (Ray Data)")
+    e.add_argument("config")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--corpus", help="corpus file or BEIR folder (default: data.path)")
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=_cmd_encode)
+
+    ix = sub.add_parser("index", help="build a FAISS index from embedding shards")
+    ix.add_argument("config")
+    ix.add_argument("overrides", nargs="*")
+    ix.add_argument("--embeddings", required=True, help="the output folder of `raysys encode`")
+    ix.add_argument("--out", required=True)
+    ix.set_defaults(func=_cmd_index)
+
+    se = sub.add_parser("search", help="search an index with queries; writes a TREC run")
+    se.add_argument("config")
+    se.add_argument("overrides", nargs="*")
+    se.add_argument("--index", required=True)
+    se.add_argument("--queries", required=True, help="queries.jsonl (BEIR) or JSONL/Parquet")
+    se.add_argument("--run", required=True, help="output run file")
+    se.set_defaults(func=_cmd_search)
+
+    ev = sub.add_parser("evaluate", help="nDCG@10, MRR@10, Recall@100/1000 of a run")
+    ev.add_argument("--qrels", required=True)
+    ev.add_argument("--run", required=True)
+    ev.add_argument("--out", help="metrics.json to write")
+    ev.set_defaults(func=_cmd_evaluate)
 
     d = sub.add_parser("demo-data", help="write the stdlib-docstring demo dataset as a BEIR folder")
     d.add_argument("out")

@@ -98,6 +98,57 @@ class TrainConfig:
 
 
 @dataclass
+class EncodeConfig:
+    # Rows per embedding shard: the unit of resume and of parallel index adds.
+    shard_size: int = 20000
+    # Encoder actors (0 = one per GPU when GPUs are used, else 1).
+    actors: int = 0
+    use_gpu: bool = False
+    cpus_per_actor: float = 1.0
+    # Torch threads per CPU actor (0 = the node's cores / actors).
+    torch_threads: int = 0
+    # Rows per actor call (one Ray Data batch); sorted by length inside it.
+    batch_size: int = 256
+    # Rows per forward pass inside an actor call.
+    micro_batch: int = 32
+    dtype: Literal["float32", "float16"] = "float32"
+    # Speed levers (CPU): bf16 autocast, dynamic int8 quantisation of Linear.
+    bf16: bool = False
+    int8: bool = False
+    # Encode only the first N corpus rows (0 = all); for smoke runs.
+    max_docs: int = 0
+
+
+@dataclass
+class IndexConfig:
+    # A FAISS index_factory string (e.g. "IVF1024,PQ64x8", "Flat", "HNSW32")
+    # or "auto" (IVF-PQ sized from the vector count and dimension).
+    factory: str = "auto"
+    # Training sample size (0 = max(39 x nlist, 10000), capped by the corpus).
+    train_sample: int = 0
+    # Merge shard indexes into on-disk inverted lists (for corpora that do not
+    # fit in memory); "auto" switches on above 5M vectors.
+    ondisk: Literal["auto", "true", "false"] = "auto"
+    # The default nprobe is the smallest whose recall@10 against exact search
+    # (corpus vectors as queries, measured at build time) reaches this share of
+    # the best recall any nprobe gives (the codes cap it).
+    recall_target: float = 0.99
+    seed: int = 0
+
+
+@dataclass
+class SearchConfig:
+    # 0 = the index's default (chosen at build time).
+    nprobe: int = 0
+    topk: int = 1000
+    batch_size: int = 256
+    # Drop hits whose doc id equals the query id (BEIR/MTEB convention).
+    drop_self_hits: bool = True
+    # nprobe values for the sweep plot in `raysys pipeline` (IVF indexes).
+    sweep: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
+
+
+@dataclass
 class ModelConfig:
     # A local folder, a raysys export, or an alias (see raysys.models.hub).
     path: str = "all-MiniLM-L6-v2"
@@ -115,6 +166,13 @@ class Config:
     contract: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    # Pipeline stages to run, in order (any prefix of the full list).
+    stages: list[str] = field(
+        default_factory=lambda: ["train", "encode", "index", "search", "evaluate"]
+    )
     out: str | None = None
 
     def encoding_contract(self) -> EncodingContract:
@@ -126,6 +184,7 @@ class Config:
             raise ConfigError(f"invalid contract: {e}") from e
 
 
+STAGES = ("train", "encode", "index", "search", "rerank", "evaluate")
 ALIASES = {"model": "model.path", "data": "data.path", "split": "data.split"}
 
 
@@ -277,10 +336,18 @@ def _validate(cfg: Config) -> None:
         (cfg.model.lora.r >= 1, "model.lora.r must be >= 1"),
         (0 <= cfg.model.lora.dropout < 1, "model.lora.dropout must be in [0, 1)"),
         (cfg.data.sampled_negatives >= 0, "data.sampled_negatives must be >= 0"),
+        (cfg.encode.shard_size >= 1, "encode.shard_size must be >= 1"),
+        (cfg.encode.batch_size >= 1, "encode.batch_size must be >= 1"),
+        (cfg.encode.micro_batch >= 1, "encode.micro_batch must be >= 1"),
+        (cfg.search.topk >= 1, "search.topk must be >= 1"),
+        (cfg.search.nprobe >= 0, "search.nprobe must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
     cfg.encoding_contract()
 
 

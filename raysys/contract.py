@@ -29,6 +29,7 @@ _SPACE_FIELDS = (
     "bidirectional",
     "use_title",
     "dim",
+    "fingerprint",
 )
 
 
@@ -57,6 +58,8 @@ class EncodingContract:
     bidirectional: bool = False
     use_title: bool = True
     dim: int | None = None
+    # Content hash of the weights (set when a model is loaded for encoding).
+    fingerprint: str | None = None
     # Where the weights are when the export is an adapter (LoRA) over a base.
     base_model: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

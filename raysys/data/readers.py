@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
+CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
 ID_FIELDS = ("_id", "id", "docid", "doc_id", "pid", "query_id", "qid")
 TEXT_FIELDS = ("text", "contents", "body", "passage", "query", "query_text")
 
@@ -105,18 +106,14 @@ def _first(rec: dict[str, Any], names: tuple[str, ...]) -> Any:
     return None
 
 
-def read_corpus(
-    path: str | Path, report: Report | None = None, on_bad_line: str = "error"
-) -> pa.Table:
-    """Read a corpus (BEIR ``corpus.jsonl``, JSONL or Parquet with id/title/text).
+def iter_corpus(
+    path: str | Path, report: Report, on_bad_line: str = "error"
+) -> Iterator[tuple[str, str, str]]:
+    """Stream ``(id, title, text)`` from a corpus (BEIR ``corpus.jsonl``, JSONL or Parquet).
 
-    Returns a table with string columns ``id``, ``title``, ``text``. Records with
-    no id, or no text and no title, and repeated ids are counted and skipped.
+    Records with no id, or no text and no title, and repeated ids are counted
+    in ``report`` and skipped.
     """
-    report = report if report is not None else Report()
-    ids: list[str] = []
-    titles: list[str] = []
-    texts: list[str] = []
     seen: set[str] = set()
     for loc, rec in iter_records(path, report, on_bad_line):
         pid = _first(rec, ID_FIELDS)
@@ -134,12 +131,19 @@ def read_corpus(
             report.skip("duplicate corpus ids", f"{loc} (id {pid})")
             continue
         seen.add(pid)
-        ids.append(pid)
-        titles.append(title)
-        texts.append(text)
+        yield pid, title, text
+
+
+def read_corpus(
+    path: str | Path, report: Report | None = None, on_bad_line: str = "error"
+) -> pa.Table:
+    """Read a whole corpus into a table with string columns ``id``, ``title``, ``text``."""
+    report = report if report is not None else Report()
+    rows = list(iter_corpus(path, report, on_bad_line))
     if report.counts:
         log.warning("corpus %s: %s", path, report.summary())
-    return pa.table({"id": ids, "title": titles, "text": texts})
+    ids, titles, texts = (list(c) for c in zip(*rows, strict=True)) if rows else ([], [], [])
+    return pa.table({"id": ids, "title": titles, "text": texts}, schema=CORPUS_SCHEMA)
 
 
 def read_queries(

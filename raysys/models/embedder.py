@@ -284,11 +284,61 @@ def export_embedder(
     return out
 
 
-def load_embedder(path: str, device: str | torch.device = "cpu") -> tuple[Embedder, Any]:
-    """Load an exported raysys model (merged or adapter) with its contract."""
+def weights_fingerprint(path: str | Path) -> str:
+    """A cheap content hash of a model folder's weights (size + head + tail of each file)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted(
+        p
+        for p in Path(path).iterdir()
+        if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file()
+    )
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def resolve_contract(
+    model_spec: str, configured: EncodingContract | None
+) -> tuple[str, EncodingContract]:
+    """(local path, contract) for a model: its saved contract if it is a raysys
+    export, else the configured one (a plain Hugging Face model)."""
+    path = resolve_model(model_spec)
+    if EncodingContract.exists(path):
+        contract = EncodingContract.load(path)
+    elif configured is not None:
+        contract = EncodingContract.from_dict(
+            {**configured.to_dict(), "model": configured.model or model_spec}
+        )
+    else:
+        raise ValueError(f"{model_spec}: no raysys_contract.json there and no contract configured")
+    weights_dir = resolve_model(contract.base_model) if contract.base_model else path
+    if contract.dim is None:
+        from transformers import AutoConfig
+
+        contract.dim = int(AutoConfig.from_pretrained(weights_dir).hidden_size)
+    contract.fingerprint = weights_fingerprint(path) + (
+        "+" + weights_fingerprint(weights_dir) if contract.base_model else ""
+    )
+    return path, contract
+
+
+def load_embedder(
+    path: str,
+    device: str | torch.device = "cpu",
+    contract: EncodingContract | None = None,
+) -> tuple[Embedder, Any]:
+    """Load a model for encoding: a raysys export (merged or adapter, with its
+    contract) or a plain Hugging Face model with ``contract`` given."""
     from transformers import AutoModel
 
-    contract = EncodingContract.load(path)
+    path, contract = resolve_contract(path, contract)
     if contract.base_model:
         from peft import PeftModel
 

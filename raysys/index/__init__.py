@@ -1,0 +1,1 @@
+"""Indexing: Ray Data encoding into Parquet shards, FAISS build/merge, manifests."""

@@ -1,0 +1,378 @@
+"""Encode a corpus into Parquet embedding shards with Ray Data.
+
+1. **Prepare.** The corpus (BEIR ``corpus.jsonl``, JSONL or Parquet with
+   id/title/text) is validated and split once into Parquet shards of
+   ``shard_size`` rows; malformed lines stop the run with file and line (or are
+   counted), duplicate ids and empty texts are counted and skipped. A rerun on
+   the same source reuses the shards.
+2. **Encode.** Ray Data reads the pending shards, tokenizes them in CPU tasks
+   (sorted by length within each batch, so padding wastes little), and encodes
+   them in a class-based map over an actor pool (1 GPU per actor when GPUs are
+   used). The driver writes each shard's embeddings (id + vector, float32 or
+   float16) atomically once all its rows are in, and records it in the manifest.
+3. **Resume.** A rerun skips shards already written; a shard is written whole
+   or not at all, so no id is ever written twice or dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raysys.contract import ContractError, EncodingContract
+from raysys.data.readers import CORPUS_SCHEMA, Report, iter_corpus
+from raysys.index.manifest import read_manifest, write_json_atomic, write_manifest
+
+log = logging.getLogger(__name__)
+
+# Fault-injection knob for tests: sleep this long in each actor call.
+THROTTLE_S = float(os.environ.get("RAYSYS_ENCODE_THROTTLE_S", "0") or 0)
+CORPUS_DIR = "corpus"
+EMB_DIR = "embeddings"
+
+
+def _source_fingerprint(src: Path, shard_size: int, max_docs: int) -> dict[str, Any]:
+    st = src.stat()
+    return {
+        "path": str(src.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "shard_size": shard_size,
+        "max_docs": max_docs,
+    }
+
+
+def prepare_corpus(
+    src: str | Path,
+    work: str | Path,
+    shard_size: int,
+    *,
+    on_bad_line: str = "error",
+    max_docs: int = 0,
+) -> dict[str, Any]:
+    """Validate the corpus and split it into Parquet shards under ``work/corpus``."""
+    src = Path(src)
+    if src.is_dir():
+        src = src / "corpus.jsonl"
+    out = Path(work) / CORPUS_DIR
+    meta_path = out / "prepared.json"
+    fp = _source_fingerprint(src, shard_size, max_docs)
+    if meta_path.is_file():
+        import json
+
+        meta = json.loads(meta_path.read_text())
+        if meta.get("source") == fp:
+            return meta
+        log.info("corpus source changed since it was prepared; preparing again")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    report = Report()
+    shards: list[dict[str, Any]] = []
+    buf: list[tuple[str, str, str]] = []
+
+    def flush() -> None:
+        name = f"part-{len(shards):05d}.parquet"
+        cols = list(zip(*buf, strict=True))
+        table = pa.table([pa.array(c, pa.string()) for c in cols], schema=CORPUS_SCHEMA)
+        pq.write_table(table, out / name)
+        shards.append({"name": name, "rows": len(buf)})
+        buf.clear()
+
+    total = 0
+    for row in iter_corpus(src, report, on_bad_line):
+        buf.append(row)
+        total += 1
+        if len(buf) >= shard_size:
+            flush()
+        if max_docs and total >= max_docs:
+            break
+    if buf:
+        flush()
+    if total == 0:
+        raise ValueError(f"{src}: no usable corpus records ({report.summary()})")
+    if report.counts:
+        log.warning("corpus %s: %s", src, report.summary())
+    meta = {"source": fp, "rows": total, "shards": shards, **report.to_dict()}
+    write_json_atomic(meta_path, meta)
+    return meta
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str) -> Any:
+    from raysys.models.embedder import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def tokenize_batch(batch: pa.Table, model_path: str, contract: dict[str, Any]) -> pa.Table:
+    """Ray Data CPU task: format and tokenize passages, sorted by length."""
+    c = EncodingContract.from_dict(contract)
+    texts = [
+        c.format_passage(t, ti)
+        for t, ti in zip(
+            batch.column("text").to_pylist(), batch.column("title").to_pylist(), strict=True
+        )
+    ]
+    ids = c.token_ids(_tokenizer(model_path), texts, "passage")
+    lengths = np.array([len(x) for x in ids])
+    order = np.argsort(-lengths, kind="stable")
+    return pa.table(
+        {
+            "id": batch.column("id").take(pa.array(order)),
+            "path": batch.column("path").take(pa.array(order)),
+            "input_ids": pa.array([ids[i] for i in order], pa.list_(pa.int32())),
+        }
+    )
+
+
+class EncodeActor:
+    """Ray Data actor: holds the model and turns token ids into vectors."""
+
+    def __init__(self, model_path: str, contract: dict[str, Any], opts: dict[str, Any]) -> None:
+        import torch
+
+        from raysys.models.embedder import load_embedder
+
+        threads = opts.get("torch_threads") or max(
+            1, (os.cpu_count() or 1) // opts.get("actors", 1)
+        )
+        torch.set_num_threads(int(threads))
+        self.device = "cuda" if opts.get("use_gpu") and torch.cuda.is_available() else "cpu"
+        self.model, self.tok = load_embedder(
+            model_path, self.device, EncodingContract.from_dict(contract)
+        )
+        if opts.get("int8") and self.device == "cpu":
+            self.model = torch.ao.quantization.quantize_dynamic(
+                self.model, {torch.nn.Linear}, dtype=torch.qint8
+            )
+        self.bf16 = bool(opts.get("bf16"))
+        self.micro = int(opts.get("micro_batch", 32))
+        self.dtype = np.float16 if opts.get("dtype") == "float16" else np.float32
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        if THROTTLE_S:
+            time.sleep(THROTTLE_S)
+        ids = batch.column("input_ids").to_pylist()
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, len(ids), self.micro):
+                enc = EncodingContract.pad(self.tok, ids[i : i + self.micro])
+                with torch.autocast(
+                    self.device, dtype=torch.bfloat16, enabled=self.bf16 and self.device == "cpu"
+                ):
+                    emb = self.model(
+                        enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+                    )
+                outs.append(emb.float().cpu().numpy())
+        emb = np.concatenate(outs).astype(self.dtype)
+        dim = emb.shape[1]
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim)
+        return pa.table({"id": batch.column("id"), "path": batch.column("path"), "emb": vec})
+
+
+def _encode_opts(enc: Any) -> dict[str, Any]:
+    return {
+        "torch_threads": enc.torch_threads,
+        "use_gpu": enc.use_gpu,
+        "int8": enc.int8,
+        "bf16": enc.bf16,
+        "micro_batch": enc.micro_batch,
+        "dtype": enc.dtype,
+    }
+
+
+def encode_corpus(
+    corpus: str | Path,
+    out_dir: str | Path,
+    model: str,
+    contract: EncodingContract | None,
+    enc: Any,
+    *,
+    on_bad_line: str = "error",
+) -> dict[str, Any]:
+    """Encode ``corpus`` into ``out_dir/embeddings``; returns the manifest.
+
+    ``enc`` is a :class:`raysys.config.EncodeConfig`. ``model`` is a raysys
+    export (its contract is used) or a Hugging Face model with ``contract``.
+    """
+    import ray
+
+    from raysys.models.embedder import resolve_contract
+    from raysys.train.launch import ensure_ray
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path, contract = resolve_contract(model, contract)
+    prepared = prepare_corpus(
+        corpus, out, enc.shard_size, on_bad_line=on_bad_line, max_docs=enc.max_docs
+    )
+    emb_dir = out / EMB_DIR
+    emb_dir.mkdir(exist_ok=True)
+    manifest = _resume_manifest(emb_dir, contract, prepared, enc.dtype)
+    done = set(manifest["done"])
+    for stale in emb_dir.glob("*.tmp*"):
+        stale.unlink()
+    pending = [s for s in prepared["shards"] if s["name"] not in done]
+    if pending:
+        ensure_ray()
+        _run_encode(ray, out, emb_dir, model_path, contract, enc, pending, manifest)
+    manifest["complete"] = True
+    write_manifest(emb_dir, manifest)
+    return manifest
+
+
+def _resume_manifest(
+    emb_dir: Path, contract: EncodingContract, prepared: dict[str, Any], dtype: str
+) -> dict[str, Any]:
+    fresh = {
+        "contract": contract.to_dict(),
+        "dtype": dtype,
+        "dim": None,
+        "corpus": {k: prepared[k] for k in ("source", "rows", "skipped", "examples")},
+        "shards": prepared["shards"],
+        "done": [],
+        "complete": False,
+    }
+    try:
+        old = read_manifest(emb_dir)
+    except FileNotFoundError:
+        return fresh
+    if old.get("corpus", {}).get("source") != prepared["source"]:
+        log.info("corpus changed: encoding all shards again")
+        for f in emb_dir.glob("part-*.parquet"):
+            f.unlink()
+        return fresh
+    if old.get("contract") != contract.to_dict() or old.get("dtype") != dtype:
+        raise ContractError(
+            f"{emb_dir} holds embeddings of another model/contract or dtype; "
+            "use a new output folder or delete it"
+        )
+    old["done"] = [n for n in old.get("done", []) if (emb_dir / n).is_file()]
+    if old["done"]:
+        log.info("resuming: %d of %d shards already encoded", len(old["done"]), len(old["shards"]))
+    return old
+
+
+def _run_encode(
+    ray: Any,
+    out: Path,
+    emb_dir: Path,
+    model_path: str,
+    contract: EncodingContract,
+    enc: Any,
+    pending: list[dict[str, Any]],
+    manifest: dict[str, Any],
+) -> None:
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if enc.use_gpu else 0
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n_actors = enc.actors or (max(1, gpus) if enc.use_gpu else 1)
+    if not enc.use_gpu and n_actors * enc.cpus_per_actor >= cpus:
+        # Leave CPU for the read/tokenize tasks, or the pipeline starves.
+        n_actors = max(1, int((cpus - 0.5) // enc.cpus_per_actor))
+    paths = [str((out / CORPUS_DIR / s["name"]).resolve()) for s in pending]
+    expected = {Path(p).name: s["rows"] for p, s in zip(paths, pending, strict=True)}
+    # Small output blocks: results stream back batch by batch (progress, shard
+    # completion) instead of one block per task, and actors share the work.
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = 4 * 1024 * 1024
+    ds = ray.data.read_parquet(paths, include_paths=True)
+    ds = ds.map_batches(
+        tokenize_batch,
+        batch_size=enc.batch_size,
+        batch_format="pyarrow",
+        fn_kwargs={"model_path": model_path, "contract": contract.to_dict()},
+        num_cpus=0.25,
+    )
+    # Streaming split into blocks of one batch: actor tasks then finish (and
+    # their output streams back) batch by batch, not file by file.
+    ds = ds.repartition(target_num_rows_per_block=enc.batch_size)
+    ds = ds.map_batches(
+        EncodeActor,
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        batch_size=enc.batch_size,
+        batch_format="pyarrow",
+        fn_constructor_kwargs={
+            "model_path": model_path,
+            "contract": contract.to_dict(),
+            "opts": {**_encode_opts(enc), "actors": n_actors},
+        },
+        num_cpus=min(enc.cpus_per_actor, max(0.5, cpus - 0.5)) if not enc.use_gpu else 1,
+        num_gpus=1 if enc.use_gpu else 0,
+    )
+    buffers: dict[str, list[pa.Table]] = defaultdict(list)
+    counts: dict[str, int] = defaultdict(int)
+    total = sum(expected.values())
+    seen, t0, last_log = 0, time.perf_counter(), 0.0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for name_path in set(batch.column("path").to_pylist()):
+            part = batch.filter(pa.compute.equal(batch.column("path"), name_path))
+            name = Path(name_path).name
+            buffers[name].append(part.select(["id", "emb"]))
+            counts[name] += part.num_rows
+            if counts[name] == expected[name]:
+                _write_shard(emb_dir, name, buffers.pop(name), manifest)
+            elif counts[name] > expected[name]:
+                raise RuntimeError(
+                    f"shard {name}: got {counts[name]} rows, expected {expected[name]}"
+                )
+        seen += batch.num_rows
+        now = time.perf_counter()
+        if now - last_log > 10 or seen == total:
+            last_log = now
+            rate = seen / max(now - t0, 1e-9)
+            print(
+                f"[raysys] encoded {seen}/{total} passages ({rate:.0f}/s), "
+                f"{len(manifest['done'])}/{len(manifest['shards'])} shards written",
+                flush=True,
+            )
+    missing = {n: expected[n] - counts[n] for n in expected if n not in manifest["done"]}
+    if missing:
+        raise RuntimeError(f"encode ended with incomplete shards: {missing}")
+
+
+def _as_fixed_list(col: pa.ChunkedArray | pa.Array) -> pa.FixedSizeListArray:
+    """Vectors as a plain Arrow fixed-size list (Ray may hand back its tensor type)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_fixed_size_list(col.type):
+        return col
+    arr = (
+        np.stack(col.to_numpy(zero_copy_only=False)) if col.type.num_fields == 0 else col.to_numpy()
+    )
+    arr = np.asarray(arr)
+    return pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), arr.shape[1])
+
+
+def _write_shard(emb_dir: Path, name: str, parts: list[pa.Table], manifest: dict[str, Any]) -> None:
+    parts = [
+        pa.table({"id": p.column("id"), "emb": _as_fixed_list(p.column("emb"))}) for p in parts
+    ]
+    table = pa.concat_tables(parts)
+    if manifest["dim"] is None:
+        manifest["dim"] = table.schema.field("emb").type.list_size
+    tmp = emb_dir / f"{name}.tmp{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, emb_dir / name)
+    manifest["done"].append(name)
+    write_manifest(emb_dir, manifest)
+
+
+def read_embeddings(emb_dir: str | Path, shard: str) -> tuple[list[str], np.ndarray]:
+    """(ids, float32 matrix) of one embedding shard."""
+    table = pq.read_table(Path(emb_dir) / shard)
+    col = table.column("emb").combine_chunks()
+    dim = col.type.list_size
+    vecs = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
+    return table.column("id").to_pylist(), vecs

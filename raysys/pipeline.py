@@ -1,0 +1,186 @@
+"""``raysys pipeline``: train -> encode -> index -> search -> evaluate from one config.
+
+Writes into the output folder: ``metrics.json`` (nDCG@10, MRR@10, Recall@100,
+Recall@1000), the run file(s), ``report.md`` and ``nprobe.png`` (Recall@100 and
+nDCG@10 against nprobe for the built index).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from raysys.config import Config, ConfigError, to_dict
+from raysys.data.readers import BeirFolder
+from raysys.eval import evaluate, write_metrics
+from raysys.search.runfile import write_run
+
+log = logging.getLogger(__name__)
+
+
+def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = list(cfg.stages)
+    if not cfg.train.enabled and "train" in stages:
+        stages.remove("train")
+    if not cfg.data.path:
+        raise ConfigError("data: set data=PATH to a BEIR folder")
+    beir = BeirFolder(Path(cfg.data.path))
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    model = cfg.model.path
+    contract = cfg.encoding_contract()
+    train_summary = None
+    if "train" in stages:
+        from raysys.train.launch import run_training
+
+        t0 = time.perf_counter()
+        outcome = run_training(cfg, out / "train")
+        timings["train"] = time.perf_counter() - t0
+        if outcome.model_dir is None:
+            raise RuntimeError(
+                "training stopped before the end (train.stop_after?); no model to index"
+            )
+        model, contract = str(outcome.model_dir), None  # the export carries its contract
+        train_summary = outcome
+    emb_dir = out / "encode"
+    index_dir = out / "index"
+    if "encode" in stages:
+        from raysys.index.encode import EMB_DIR, encode_corpus
+
+        t0 = time.perf_counter()
+        m = encode_corpus(
+            beir.corpus_path, emb_dir, model, contract, cfg.encode, on_bad_line=cfg.data.on_bad_line
+        )
+        timings["encode"] = time.perf_counter() - t0
+        skipped = m["corpus"].get("skipped") or {}
+        if skipped:
+            notes.append(f"corpus: skipped {skipped}")
+    if "index" in stages:
+        from raysys.index.build import build_index
+        from raysys.index.encode import EMB_DIR
+
+        t0 = time.perf_counter()
+        build_index(
+            emb_dir / EMB_DIR,
+            index_dir,
+            cfg.index.factory,
+            train_sample=cfg.index.train_sample,
+            ondisk=cfg.index.ondisk,
+            seed=cfg.index.seed,
+            recall_target=cfg.index.recall_target,
+        )
+        timings["index"] = time.perf_counter() - t0
+    metrics: dict[str, float] = {}
+    sweep: list[dict[str, Any]] = []
+    if "search" in stages:
+        from raysys.search.retrieve import Searcher
+
+        qrels = beir.qrels(cfg.data.split)
+        queries = beir.queries()
+        missing = [q for q in qrels if q not in queries]
+        if missing:
+            notes.append(f"{len(missing)} qrels queries have no text in queries.jsonl")
+        queries = {q: queries[q] for q in qrels if q in queries}
+        t0 = time.perf_counter()
+        searcher = Searcher(index_dir, model, contract)
+        qids = sorted(queries)
+        qvecs = searcher.encode([queries[q] for q in qids], cfg.search.batch_size)
+        s = cfg.search
+        run = searcher.search(
+            qids, qvecs, topk=s.topk, nprobe=s.nprobe, drop_self_hits=s.drop_self_hits
+        )
+        timings["search"] = time.perf_counter() - t0
+        write_run(run, out / "run.trec")
+        if "evaluate" in stages:
+            metrics = evaluate(qrels, run)
+            write_metrics(metrics, out / "metrics.json")
+            nlist = _nlist(searcher.index)
+            if nlist:
+                for nprobe in sorted(
+                    {p for p in s.sweep if p <= nlist} | {searcher.manifest["nprobe"]}
+                ):
+                    r = searcher.search(
+                        qids, qvecs, topk=s.topk, nprobe=nprobe, drop_self_hits=s.drop_self_hits
+                    )
+                    sweep.append({"nprobe": nprobe, **evaluate(qrels, r)})
+            else:
+                sweep.append({"nprobe": 0, **metrics})
+            _plot(sweep, out / "nprobe.png", searcher.manifest["factory"])
+            (out / "nprobe_sweep.json").write_text(json.dumps(sweep, indent=2))
+    _report(out, cfg, stages, metrics, sweep, timings, notes, train_summary, index_dir)
+    return metrics
+
+
+def _nlist(index: Any) -> int:
+    import faiss
+
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return 0
+
+
+def _plot(sweep: list[dict[str, Any]], path: Path, factory: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [max(1, s["nprobe"]) for s in sweep]
+    ax.plot(xs, [s["Recall@100"] for s in sweep], marker="o", label="Recall@100")
+    ax.plot(xs, [s["nDCG@10"] for s in sweep], marker="s", label="nDCG@10")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(
+        "nprobe" + (" (exact index: no nprobe)" if sweep and sweep[0]["nprobe"] == 0 else "")
+    )
+    ax.set_ylabel("score")
+    ax.set_title(f"{factory}: quality against nprobe")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _report(
+    out: Path,
+    cfg: Config,
+    stages: list[str],
+    metrics: dict[str, float],
+    sweep: list[dict[str, Any]],
+    timings: dict[str, float],
+    notes: list[str],
+    train: Any,
+    index_dir: Path,
+) -> None:
+    lines = ["# raysys pipeline report", ""]
+    lines.append(f"- data: `{cfg.data.path}` (split `{cfg.data.split}`)")
+    lines.append(f"- model: `{cfg.model.path}`; stages: {', '.join(stages)}")
+    if (index_dir / "manifest.json").is_file():
+        m = json.loads((index_dir / "manifest.json").read_text())
+        lines.append(
+            f"- index: `{m['factory']}` over {m['count']} vectors (dim {m['dim']}), default nprobe {m['nprobe']}"
+        )
+    if train is not None:
+        h = train.history
+        lines.append(
+            f"- training: {train.stopped_at}/{train.total_steps} steps, loss {h[0]['loss']:.4f} -> {h[-1]['loss']:.4f}"
+        )
+    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+    if len(sweep) > 1:
+        lines += ["", "## nprobe sweep", "", "| nprobe | nDCG@10 | Recall@100 |", "|---|---|---|"]
+        lines += [f"| {s['nprobe']} | {s['nDCG@10']:.4f} | {s['Recall@100']:.4f} |" for s in sweep]
+    lines += ["", "![nprobe](nprobe.png)", "", "## Timings (s)", ""]
+    lines += [f"- {k}: {v:.1f}" for k, v in timings.items()]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,1 @@
+"""Search: query encoding under the index contract, FAISS search, run files, reranking."""

@@ -1,0 +1,175 @@
+"""Encode -> index -> search on a tiny model: sharded build equals a single build,
+contracts are enforced, bad corpus lines are reported, resume never duplicates."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raysys.config import load_config
+from raysys.contract import ContractError, EncodingContract
+from raysys.data.readers import DataError
+from raysys.index.build import build_index, load_index
+from raysys.index.encode import EMB_DIR, encode_corpus, prepare_corpus, read_embeddings
+from raysys.search.retrieve import Searcher
+
+N_DOCS = 300
+
+
+def _corpus(path, n=N_DOCS):
+    rng = np.random.default_rng(0)
+    with path.open("w") as f:
+        for k in range(n):
+            words = " ".join(f"w{int(x)}" for x in rng.integers(0, 200, size=8))
+            f.write(json.dumps({"_id": f"d{k}", "title": "", "text": f"about {words}"}) + "\n")
+    return path
+
+
+def _cfg(model, *extra):
+    return load_config(
+        None,
+        [
+            f"model={model}",
+            "contract.pooling=mean",
+            "contract.passage_max_len=32",
+            "encode.shard_size=64",
+            "encode.batch_size=32",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def encoded(ray_local, tiny_bert_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("enc")
+    corpus = _corpus(tmp / "corpus.jsonl")
+    cfg = _cfg(tiny_bert_dir)
+    manifest = encode_corpus(
+        corpus, tmp / "out", cfg.model.path, cfg.encoding_contract(), cfg.encode
+    )
+    return tmp, manifest
+
+
+def test_every_id_once(encoded):
+    tmp, manifest = encoded
+    assert manifest["complete"] and len(manifest["done"]) == 5  # 300 rows / 64
+    ids = [
+        i for s in manifest["shards"] for i in read_embeddings(tmp / "out" / EMB_DIR, s["name"])[0]
+    ]
+    assert sorted(ids) == sorted(f"d{k}" for k in range(N_DOCS))
+
+
+def test_sharded_add_and_merge_equals_single_build(encoded):
+    tmp, manifest = encoded
+    emb = tmp / "out" / EMB_DIR
+    m = build_index(emb, tmp / "ivf", "IVF8,PQ8x4", seed=0)
+    sharded, ids, _ = load_index(tmp / "ivf")
+    assert sharded.ntotal == N_DOCS and m["count"] == N_DOCS
+    # Single process: the same trained index, all vectors added at once.
+    vecs = np.concatenate([read_embeddings(emb, s["name"])[1] for s in manifest["shards"]])
+    single = faiss.index_factory(vecs.shape[1], "IVF8,PQ8x4", faiss.METRIC_INNER_PRODUCT)
+    from raysys.index.build import _sample
+
+    single.train(_sample(emb, manifest["shards"], min(N_DOCS, 10_000), 0))
+    single.add_with_ids(vecs, np.arange(len(vecs), dtype=np.int64))
+    for idx in (sharded, single):
+        faiss.ParameterSpace().set_index_parameter(idx, "nprobe", 4)
+    d1, i1 = sharded.search(vecs[:50], 10)
+    d2, i2 = single.search(vecs[:50], 10)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, rtol=1e-6)
+
+
+def test_flat_search_finds_itself(encoded, tiny_bert_dir):
+    tmp, _ = encoded
+    build_index(tmp / "out" / EMB_DIR, tmp / "flat", "Flat")
+    cfg = _cfg(tiny_bert_dir)
+    s = Searcher(tmp / "flat", cfg.model.path, cfg.encoding_contract())
+    _, ids, _ = load_index(tmp / "flat")
+    # Passage texts as queries under the passage format: each finds itself first.
+    table = pq.read_table(tmp / "out" / "corpus" / "part-00000.parquet")
+    vecs = s.model.encode_texts(
+        s.tokenizer, table.column("text").to_pylist()[:20], "passage"
+    ).numpy()
+    run = s.search([f"q{k}" for k in range(20)], vecs, topk=5)
+    for k, doc in enumerate(table.column("id").to_pylist()[:20]):
+        assert max(run[f"q{k}"], key=run[f"q{k}"].get) == doc
+
+
+def test_contract_mismatch_is_refused(encoded, tiny_bert_dir):
+    tmp, _ = encoded
+    if not (tmp / "flat").is_dir():
+        build_index(tmp / "out" / EMB_DIR, tmp / "flat", "Flat")
+    cfg = _cfg(tiny_bert_dir, "contract.pooling=cls")
+    with pytest.raises(ContractError, match="pooling: index has 'mean', query encoder has 'cls'"):
+        Searcher(tmp / "flat", cfg.model.path, cfg.encoding_contract())
+    other = EncodingContract.from_dict(
+        {**_cfg(tiny_bert_dir).encoding_contract().to_dict(), "query_prefix": "q: "}
+    )
+    with pytest.raises(ContractError, match="query_prefix"):
+        Searcher(tmp / "flat", cfg.model.path, other)
+
+
+def test_malformed_corpus_line_is_reported(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"_id": "a", "text": "x"}\n{"_id": "b", "text": \n{"_id": "a", "text": "dup"}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:2: malformed line"):
+        prepare_corpus(p, tmp_path / "w", 10)
+    meta = prepare_corpus(p, tmp_path / "w2", 10, on_bad_line="skip")
+    assert meta["rows"] == 1
+    assert meta["skipped"] == {"malformed lines": 1, "duplicate corpus ids": 1}
+
+
+@pytest.mark.slow
+def test_killed_encode_resumes_without_duplicates(tiny_bert_dir, tmp_path):
+    """Kill `raysys encode` (the whole process group) after some shards; rerun."""
+    corpus = _corpus(tmp_path / "corpus.jsonl", n=2000)
+    out = tmp_path / "out"
+    args = [
+        sys.executable,
+        "-m",
+        "raysys.cli",
+        "encode",
+        "-",
+        f"model={tiny_bert_dir}",
+        "contract.pooling=mean",
+        "contract.passage_max_len=32",
+        "encode.shard_size=100",
+        "encode.batch_size=20",
+        "encode.torch_threads=1",
+        f"--corpus={corpus}",
+        f"--out={out}",
+    ]
+    env = {**os.environ, "RAYSYS_ENCODE_THROTTLE_S": "0.2"}
+    proc = subprocess.Popen(
+        args, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    manifest = out / EMB_DIR / "manifest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if manifest.is_file() and len(json.loads(manifest.read_text())["done"]) >= 3:
+            break
+        assert proc.poll() is None, "encode ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = json.loads(manifest.read_text())["done"]
+    assert 3 <= len(done_before) < 20
+    env.pop("RAYSYS_ENCODE_THROTTLE_S")
+    subprocess.run(
+        args, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600
+    )
+    m = json.loads(manifest.read_text())
+    assert m["complete"] and len(m["done"]) == 20 and set(done_before) <= set(m["done"])
+    ids = [i for s in m["shards"] for i in read_embeddings(out / EMB_DIR, s["name"])[0]]
+    assert len(ids) == 2000 and len(set(ids)) == 2000
+    build_index(out / EMB_DIR, tmp_path / "index", "Flat")
+    index, index_ids, _ = load_index(tmp_path / "index")
+    assert index.ntotal == 2000 and sorted(index_ids) == sorted(f"d{k}" for k in range(2000))

@@ -81,6 +81,11 @@ def main() -> None:
         "--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/scifact")
     )
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument(
+        "--variants",
+        default="fp32,bf16,int8",
+        help="raysys variants to run (bf16 only pays off on CPUs with AVX512-BF16/AMX)",
+    )
     args = ap.parse_args()
     import ray
 
@@ -93,11 +98,9 @@ def main() -> None:
         "docs_per_s": len(ids) / secs,
         "nDCG@10": ndcg(beir, ids, vecs, cfg),
     }
-    for name, extra in {
-        "raysys_fp32": [],
-        "raysys_bf16": ["encode.bf16=true"],
-        "raysys_int8": ["encode.int8=true"],
-    }.items():
+    variants = {"fp32": [], "bf16": ["encode.bf16=true"], "int8": ["encode.int8=true"]}
+    wanted = ["fp32"] + [v for v in args.variants.split(",") if v != "fp32"]
+    for name, extra in ((f"raysys_{v}", variants[v]) for v in wanted):
         secs, ids, vecs = raysys_encode(beir, extra)
         res[name] = {"docs_per_s": len(ids) / secs, "nDCG@10": ndcg(beir, ids, vecs, cfg)}
         res[name]["ratio_vs_st"] = (

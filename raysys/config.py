@@ -130,8 +130,9 @@ class IndexConfig:
     # fit in memory); "auto" switches on above 5M vectors.
     ondisk: Literal["auto", "true", "false"] = "auto"
     # The default nprobe is the smallest whose recall@10 against exact search
-    # (corpus vectors as queries, measured at build time) reaches this share of
-    # the best recall any nprobe gives (the codes cap it).
+    # (measured at build time on training-split queries when the pipeline has
+    # them, else corpus vectors) reaches this share of the best recall any
+    # nprobe gives (the codes cap it).
     recall_target: float = 0.99
     seed: int = 0
 

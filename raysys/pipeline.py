@@ -71,6 +71,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
             emb_dir / EMB_DIR,
             index_dir,
             cfg.index.factory,
+            tune_queries=_tuning_queries(cfg, beir, model, contract),
             train_sample=cfg.index.train_sample,
             ondisk=cfg.index.ondisk,
             seed=cfg.index.seed,
@@ -116,6 +117,22 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
             (out / "nprobe_sweep.json").write_text(json.dumps(sweep, indent=2))
     _report(out, cfg, stages, metrics, sweep, timings, notes, train_summary, index_dir)
     return metrics
+
+
+def _tuning_queries(cfg: Config, beir: BeirFolder, model: str, contract: Any) -> Any:
+    """Vectors of up to 500 training-split queries (never the evaluated split),
+    to tune the index's default nprobe on real queries; None if there are none."""
+    split = cfg.data.train_split
+    if split == cfg.data.split or not (beir.root / "qrels" / f"{split}.tsv").is_file():
+        return None
+    from raysys.models.embedder import load_embedder
+
+    queries = beir.queries()
+    qids = [q for q in sorted(beir.qrels(split)) if q in queries][:500]
+    if not qids:
+        return None
+    embedder, tok = load_embedder(model, "cpu", contract)
+    return embedder.encode_texts(tok, [queries[q] for q in qids], "query").numpy()
 
 
 def _nlist(index: Any) -> int:

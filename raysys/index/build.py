@@ -65,18 +65,23 @@ def tune_nprobe(
     k: int = 10,
     n_queries: int = 500,
     seed: int = 0,
+    queries: np.ndarray | None = None,
 ) -> tuple[int, dict[str, float]]:
     """Smallest nprobe whose recall@k against exact search reaches ``target``
     times the best recall any nprobe reaches (the ceiling the codes allow).
 
-    Queries are a sample of corpus vectors; their exact neighbours come from a
-    pass over the shards (one shard in memory at a time). Returns (nprobe,
+    Queries are real (held-out, e.g. training-split) query vectors when given,
+    else a sample of corpus vectors, which sit closer to the centroids and so
+    under-state the nprobe real queries need. Their exact neighbours come from
+    a pass over the shards (one shard in memory at a time). Returns (nprobe,
     recall by nprobe).
     """
     ivf = _ivf(index)
     if ivf is None:
         return 0, {}
-    queries = _sample(emb_dir, shards, n_queries, seed + 1)
+    if queries is None:
+        queries = _sample(emb_dir, shards, n_queries, seed + 1)
+    queries = np.ascontiguousarray(queries[:n_queries], dtype=np.float32)
     best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_i = np.full((len(queries), k), -1, dtype=np.int64)
     start = 0
@@ -148,6 +153,7 @@ def build_index(
     ondisk: str = "auto",
     seed: int = 0,
     recall_target: float = 0.99,
+    tune_queries: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Build, merge and save the index; returns its manifest."""
     import ray
@@ -228,7 +234,9 @@ def build_index(
             del part
     if index.ntotal != n:
         raise RuntimeError(f"merged index holds {index.ntotal} vectors, expected {n}")
-    nprobe, recalls = tune_nprobe(index, emb_dir, shards, target=recall_target, seed=seed)
+    nprobe, recalls = tune_nprobe(
+        index, emb_dir, shards, target=recall_target, seed=seed, queries=tune_queries
+    )
     if recalls:
         print(
             f"[raysys] default nprobe {nprobe}: recall@10 against exact search "
@@ -248,6 +256,7 @@ def build_index(
         "metric": "inner_product",
         "nprobe": nprobe,
         "nprobe_recall_at_10": recalls,
+        "nprobe_tuned_on": "held-out queries" if tune_queries is not None else "corpus vectors",
         "ondisk": use_ondisk,
         "shard_rows": [int(a) for a in added],
         "embeddings": str(emb_dir.resolve()),

@@ -93,11 +93,14 @@ def main() -> None:
     beir = BeirFolder(Path(args.data))
     cfg = load_config(None, OVERRIDES)
     res: dict = {"setup": vars(args)}
+    out = Path(__file__).parent / "results" / "encode_throughput.json"
+    out.parent.mkdir(exist_ok=True)
     secs, ids, vecs = st_encode(beir, args.batch_size)
     res["sentence_transformers"] = {
         "docs_per_s": len(ids) / secs,
         "nDCG@10": ndcg(beir, ids, vecs, cfg),
     }
+    out.write_text(json.dumps(res, indent=2))  # partial results survive an interruption
     variants = {"fp32": [], "bf16": ["encode.bf16=true"], "int8": ["encode.int8=true"]}
     wanted = ["fp32"] + [v for v in args.variants.split(",") if v != "fp32"]
     for name, extra in ((f"raysys_{v}", variants[v]) for v in wanted):
@@ -109,9 +112,7 @@ def main() -> None:
         res[name]["ndcg_within_0.005_of_fp32"] = (
             abs(res[name]["nDCG@10"] - res["raysys_fp32"]["nDCG@10"]) <= 0.005
         )
-    out = Path(__file__).parent / "results" / "encode_throughput.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+        out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
 
 

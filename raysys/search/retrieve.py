@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
@@ -58,21 +56,3 @@ class Searcher:
                 hits[did] = float(s)
             run[qid] = dict(list(hits.items())[:topk])
         return run
-
-
-def search_queries(
-    searcher: Searcher,
-    queries: dict[str, str],
-    *,
-    topk: int,
-    nprobe: int,
-    batch_size: int,
-    drop_self_hits: bool,
-) -> tuple[Run, dict[str, Any]]:
-    qids = sorted(queries)
-    t0 = time.perf_counter()
-    qvecs = searcher.encode([queries[q] for q in qids], batch_size)
-    t1 = time.perf_counter()
-    run = searcher.search(qids, qvecs, topk=topk, nprobe=nprobe, drop_self_hits=drop_self_hits)
-    t2 = time.perf_counter()
-    return run, {"queries": len(qids), "encode_s": t1 - t0, "search_s": t2 - t1}

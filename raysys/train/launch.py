@@ -48,15 +48,12 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray() -> None:
     """Connect to Ray (a cluster via RAY_ADDRESS / `ray job submit`), or start one locally."""
     import ray
 
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"log_to_driver": True}
-        if num_cpus and not os.environ.get("RAY_ADDRESS"):
-            kwargs["num_cpus"] = num_cpus
-        ray.init(**kwargs)
+        ray.init(log_to_driver=True)
 
 
 def run_training(cfg: Config, out_dir: str | Path) -> TrainOutcome:

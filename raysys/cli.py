@@ -135,6 +135,53 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_ranks(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--ranks must look like 10:100, not {text!r}") from None
+    if not 0 <= lo < hi:
+        raise ConfigError(f"--ranks {text}: need 0 <= from < to")
+    return lo, hi
+
+
+def _cmd_mine(args: argparse.Namespace) -> int:
+    from raysys.search.mine import MineSpec, mine
+
+    cfg = load_config(_config_path(args), args.overrides)
+    lo, hi = _parse_ranks(args.ranks)
+    if args.n < 1:
+        raise ConfigError("--n must be >= 1")
+    if (args.reranker is None) != (args.margin is None):
+        raise ConfigError("the reranker filter needs both --reranker and --margin")
+    spec = MineSpec(rank_from=lo, rank_to=hi, n=args.n, seed=args.seed, margin=args.margin)
+    summary = mine(cfg, args.out, spec, index_dir=args.index, reranker=args.reranker)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_rerank(args: argparse.Namespace) -> int:
+    from raysys.data.readers import read_corpus, read_queries
+    from raysys.search.rerank import rerank_run
+    from raysys.search.runfile import read_run, write_run
+
+    cfg = load_config(_config_path(args), args.overrides)
+    if not cfg.reranker.path:
+        raise ConfigError("reranker.path: give a reranker export (reranker.path=DIR)")
+    corpus = Path(args.corpus)
+    corpus = corpus / "corpus.jsonl" if corpus.is_dir() else corpus
+    run, report = rerank_run(
+        read_run(args.run),
+        read_queries(args.queries),
+        read_corpus(corpus, on_bad_line=cfg.data.on_bad_line),
+        cfg.reranker.path,
+        cfg.reranker,
+    )
+    write_run(run, args.out, tag="raysys-rerank")
+    print(json.dumps({"queries": len(run), "out": args.out, **report.to_dict()}, indent=2))
+    return 0
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from raysys.data.demo import build_demo_beir
 
@@ -186,6 +233,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", required=True)
     ev.add_argument("--out", help="metrics.json to write")
     ev.set_defaults(func=_cmd_evaluate)
+
+    mi = sub.add_parser("mine", help="mine hard negatives into training groups")
+    mi.add_argument("config")
+    mi.add_argument("overrides", nargs="*")
+    mi.add_argument("--index", help="an index of the corpus (else: encode + exact index)")
+    mi.add_argument("--out", required=True, help="groups JSONL to write")
+    mi.add_argument("--ranks", default="10:100", help="rank range to sample from (from:to)")
+    mi.add_argument("--n", type=int, default=30, help="negatives per query")
+    mi.add_argument("--seed", type=int, default=42)
+    mi.add_argument("--reranker", help="reranker export for the false-negative filter")
+    mi.add_argument(
+        "--margin", type=float, help="drop candidates scored above (lowest positive - margin)"
+    )
+    mi.set_defaults(func=_cmd_mine)
+
+    rr = sub.add_parser("rerank", help="rerank a run's top-k with a cross-encoder (Ray Data)")
+    rr.add_argument("config")
+    rr.add_argument("overrides", nargs="*")
+    rr.add_argument("--run", required=True, help="first-stage TREC run")
+    rr.add_argument("--queries", required=True)
+    rr.add_argument("--corpus", required=True, help="corpus file or BEIR folder")
+    rr.add_argument("--out", required=True, help="reranked TREC run to write")
+    rr.set_defaults(func=_cmd_rerank)
 
     d = sub.add_parser("demo-data", help="write the stdlib-docstring demo dataset as a BEIR folder")
     d.add_argument("out")

@@ -61,7 +61,11 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     enabled: bool = True
-    task: Literal["retrieve"] = "retrieve"
+    # What the train stage trains: the retriever (`model`) or the reranker
+    # (`reranker`, on 1 positive + group_size-1 hard negatives, no in-batch).
+    task: Literal["retrieve", "rerank"] = "retrieve"
+    # Reranker loss: grouped softmax cross-entropy (RankLLaMA) or pointwise BCE.
+    rerank_loss: Literal["grouped_ce", "bce"] = "grouped_ce"
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -161,8 +165,36 @@ class ModelConfig:
 
 
 @dataclass
+class RerankerConfig:
+    # Base model to train (train.task=rerank) or a raysys reranker export to
+    # score with (the rerank stage). In the pipeline, a reranker trained by the
+    # train stage replaces it.
+    path: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    random_init: bool = False
+    # Pair format; {query}, {document} (= "{title} {text}"), {title}, {text}.
+    template: str = "query: {query} document: {document}"
+    # cls for encoders, last (with append_eos) for decoders (RankLLaMA).
+    pooling: Literal["cls", "mean", "last"] = "cls"
+    append_eos: bool = False
+    max_len: int = 256
+    # Rerank stage: candidates per query taken from the first-stage run.
+    topk: int = 100
+    # Keep the candidates below top-k after the reranked ones (so Recall@1000
+    # still describes the first stage) instead of dropping them.
+    keep_tail: bool = True
+    actors: int = 0
+    use_gpu: bool = False
+    cpus_per_actor: float = 1.0
+    batch_size: int = 256
+    micro_batch: int = 32
+    int8: bool = False
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
     # The encoding contract; `model` is filled from model.path when empty.
     contract: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
@@ -175,6 +207,21 @@ class Config:
         default_factory=lambda: ["train", "encode", "index", "search", "evaluate"]
     )
     out: str | None = None
+
+    def rerank_contract(self) -> Any:
+        from raysys.models.reranker import RerankContract
+
+        r = self.reranker
+        try:
+            return RerankContract(
+                model=r.path or "",
+                template=r.template,
+                pooling=r.pooling,
+                append_eos=r.append_eos,
+                max_len=r.max_len,
+            )
+        except ContractError as e:
+            raise ConfigError(f"invalid reranker settings: {e}") from e
 
     def encoding_contract(self) -> EncodingContract:
         d = dict(self.contract)
@@ -342,6 +389,11 @@ def _validate(cfg: Config) -> None:
         (cfg.encode.micro_batch >= 1, "encode.micro_batch must be >= 1"),
         (cfg.search.topk >= 1, "search.topk must be >= 1"),
         (cfg.search.nprobe >= 0, "search.nprobe must be >= 0"),
+        (cfg.reranker.topk >= 1, "reranker.topk must be >= 1"),
+        (
+            t.task != "rerank" or t.group_size >= 2,
+            "train.group_size must be >= 2 for train.task=rerank (1 positive + negatives)",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -350,6 +402,12 @@ def _validate(cfg: Config) -> None:
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
     cfg.encoding_contract()
+    if t.task == "rerank" or "rerank" in cfg.stages:
+        if not cfg.reranker.path:
+            raise ConfigError(
+                "reranker.path: set a base model (train.task=rerank) or a reranker export"
+            )
+        cfg.rerank_contract()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -108,3 +108,19 @@ def info_nce(
         mask[torch.arange(n_q), target] = False
         scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
     return F.cross_entropy(scores, target) * scale
+
+
+def grouped_ce(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RankLLaMA's loss: softmax cross-entropy over each group of ``group_size``
+    pair scores whose first is the positive (no in-batch negatives)."""
+    logits = scores.view(-1, group_size).float()
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, target)
+
+
+def pointwise_bce(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Binary cross-entropy per pair: the first of each group is 1, the rest 0."""
+    logits = scores.view(-1, group_size).float()
+    labels = torch.zeros_like(logits)
+    labels[:, 0] = 1.0
+    return F.binary_cross_entropy_with_logits(logits, labels)

@@ -1,8 +1,13 @@
-"""``raysys pipeline``: train -> encode -> index -> search -> evaluate from one config.
+"""``raysys pipeline``: train -> encode -> index -> search -> rerank -> evaluate
+from one config.
 
 Writes into the output folder: ``metrics.json`` (nDCG@10, MRR@10, Recall@100,
-Recall@1000), the run file(s), ``report.md`` and ``nprobe.png`` (Recall@100 and
-nDCG@10 against nprobe for the built index).
+Recall@1000 of the final run: reranked when the rerank stage ran), the run
+file(s) (``run.trec``, ``run.rerank.trec``), ``report.md`` and ``nprobe.png``
+(Recall@100 and nDCG@10 against nprobe for the built index).
+
+``train.task=rerank`` makes the train stage train the reranker (from
+``reranker.path``); the retrieval stages then use ``model.path`` as it is.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
 
     model = cfg.model.path
     contract = cfg.encoding_contract()
+    reranker = cfg.reranker.path
     train_summary = None
     if "train" in stages:
         from raysys.train.launch import run_training
@@ -45,9 +51,12 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
         timings["train"] = time.perf_counter() - t0
         if outcome.model_dir is None:
             raise RuntimeError(
-                "training stopped before the end (train.stop_after?); no model to index"
+                "training stopped before the end (train.stop_after?); no model to use"
             )
-        model, contract = str(outcome.model_dir), None  # the export carries its contract
+        if cfg.train.task == "rerank":
+            reranker = str(outcome.model_dir)
+        else:
+            model, contract = str(outcome.model_dir), None  # the export carries its contract
         train_summary = outcome
     emb_dir = out / "encode"
     index_dir = out / "index"
@@ -99,9 +108,28 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
         )
         timings["search"] = time.perf_counter() - t0
         write_run(run, out / "run.trec")
+        final_run = run
+        if "rerank" in stages:
+            from raysys.search.rerank import rerank_run
+
+            t0 = time.perf_counter()
+            final_run, rreport = rerank_run(
+                run, queries, beir.corpus(), str(reranker), cfg.reranker
+            )
+            timings["rerank"] = time.perf_counter() - t0
+            write_run(final_run, out / "run.rerank.trec", tag="raysys-rerank")
+            if rreport.counts:
+                notes.append(f"rerank: {rreport.summary()}")
         if "evaluate" in stages:
-            metrics = evaluate(qrels, run)
+            metrics = evaluate(qrels, final_run)
             write_metrics(metrics, out / "metrics.json")
+            if final_run is not run:
+                first = evaluate(qrels, run)
+                write_metrics(first, out / "metrics_first_stage.json")
+                notes.append(
+                    "first stage (before reranking): "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in first.items())
+                )
             nlist = _nlist(searcher.index)
             if nlist:
                 for nprobe in sorted(
@@ -181,6 +209,8 @@ def _report(
     lines = ["# raysys pipeline report", ""]
     lines.append(f"- data: `{cfg.data.path}` (split `{cfg.data.split}`)")
     lines.append(f"- model: `{cfg.model.path}`; stages: {', '.join(stages)}")
+    if "rerank" in stages or cfg.train.task == "rerank":
+        lines.append(f"- reranker: `{cfg.reranker.path}` (top {cfg.reranker.topk})")
     if (index_dir / "manifest.json").is_file():
         m = json.loads((index_dir / "manifest.json").read_text())
         lines.append(

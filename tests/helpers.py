@@ -28,7 +28,9 @@ def _word_tokenizer(special: dict[str, str]):
     return PreTrainedTokenizerFast(tokenizer_object=tk, **special)
 
 
-def tiny_llama(path: Path, model_type: str = "llama", padding_side: str = "right") -> Path:
+def tiny_llama(
+    path: Path, model_type: str = "llama", padding_side: str = "right", hidden_size: int = 32
+) -> Path:
     """A 2-layer random decoder (llama, mistral, qwen2, qwen3) with a word-level tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModel
@@ -41,8 +43,8 @@ def tiny_llama(path: Path, model_type: str = "llama", padding_side: str = "right
     tok.save_pretrained(path)
     kw = dict(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -95,21 +97,32 @@ def tiny_bert(path: Path) -> Path:
     return path
 
 
-def toy_groups(path: Path, n: int = 64, n_neg: int = 3, seed: int = 0) -> Path:
-    """Learnable toy task: query `topic wK` matches the passage that mentions wK."""
+def toy_groups(
+    path: Path, n: int = 64, n_neg: int = 3, seed: int = 0, filler: int = 6, cue: bool = False
+) -> Path:
+    """Learnable toy task: query `topic wK` matches the passage that mentions wK.
+
+    With ``cue`` the positive passages also end in `w199` and the others in
+    `w198`: a signal a 2-layer cross-encoder learns in a few dozen steps (the
+    pure matching task takes it hundreds)."""
     import random
 
     rng = random.Random(seed)
     corpus = []
     for k in range(n):
-        filler = " ".join(rng.choice(WORDS[100:200]) for _ in range(6))
-        corpus.append({"_id": f"d{k}", "title": "", "text": f"about w{k} {filler}"})
+        vocab = WORDS[100:190] if cue else WORDS[100:200]
+        words = " ".join(rng.choice(vocab) for _ in range(filler))
+        corpus.append({"_id": f"d{k}", "title": "", "text": f"about w{k} {words}".strip()})
+        if cue:
+            corpus[-1]["text"] += " w199"
+            corpus.append({"_id": f"n{k}", "title": "", "text": f"about w{k} {words} w198"})
     with (path / "corpus.jsonl").open("w") as f:
         for d in corpus:
             f.write(json.dumps(d) + "\n")
     with (path / "groups.jsonl").open("w") as f:
         for k in range(n):
-            negs = rng.sample([f"d{j}" for j in range(n) if j != k], n_neg)
+            pool = [f"n{j}" for j in range(n)] if cue else [f"d{j}" for j in range(n) if j != k]
+            negs = rng.sample(pool, n_neg)
             f.write(
                 json.dumps(
                     {

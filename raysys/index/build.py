@@ -134,14 +134,19 @@ def _sample(emb_dir: Path, shards: list[dict[str, Any]], size: int, seed: int) -
     return np.concatenate(out)
 
 
-def _add_shard(trained: bytes, emb_dir: str, shard: str, start: int, out_path: str) -> int:
-    """Ray task: add one shard's vectors (ids = global row numbers) to a copy of the trained index."""
+def _add_shard(
+    trained: bytes, emb_dir: str, shard: str, start: int, out_path: str
+) -> tuple[int, float]:
+    """Ray task: add one shard's vectors (ids = global row numbers) to a copy of the
+    trained index; returns (rows, peak RSS of the task's process in MiB)."""
+    import resource
+
     index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     _, vecs = read_embeddings(emb_dir, shard)
     ids = np.arange(start, start + len(vecs), dtype=np.int64)
     index.add_with_ids(vecs, ids)
     faiss.write_index(index, out_path)
-    return len(vecs)
+    return len(vecs), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_index(
@@ -212,13 +217,17 @@ def build_index(
     # concrete classes FAISS deserialises to (IndexFlatIP, not IndexFlat).
     index = faiss.deserialize_index(trained)
     trained_ref = ray.put(trained.tobytes())
-    add = ray.remote(num_cpus=1)(_add_shard)
+    # One fresh process per shard: its memory goes back to the OS when done,
+    # and its peak RSS is that shard's alone.
+    add = ray.remote(num_cpus=1, max_calls=1)(_add_shard)
     starts = np.cumsum([0] + [s["rows"] for s in shards])[:-1]
     futures = [
         add.remote(trained_ref, str(emb_dir), s["name"], int(st), str(parts / f"{i:05d}.faiss"))
         for i, (s, st) in enumerate(zip(shards, starts, strict=True))
     ]
-    added = ray.get(futures)
+    results = ray.get(futures)
+    added = [r[0] for r in results]
+    add_peak_mib = max(r[1] for r in results)
     part_files = [str(parts / f"{i:05d}.faiss") for i in range(len(shards))]
     use_ondisk = ondisk == "true" or (ondisk == "auto" and n > ONDISK_AUTO_THRESHOLD)
     if use_ondisk and _ivf(index) is None:
@@ -259,6 +268,7 @@ def build_index(
         "nprobe_tuned_on": "held-out queries" if tune_queries is not None else "corpus vectors",
         "ondisk": use_ondisk,
         "shard_rows": [int(a) for a in added],
+        "add_task_peak_rss_mib": round(add_peak_mib, 1),
         "embeddings": str(emb_dir.resolve()),
         "corpus": emb["corpus"],
     }

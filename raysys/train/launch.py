@@ -42,7 +42,12 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     }
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("RAYSYS_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    for key in (
+        "RAYSYS_CACHE",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "RAYSYS_TRAIN_THROTTLE_S",
+    ):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

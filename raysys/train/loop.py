@@ -1,4 +1,5 @@
-"""The Ray Train per-worker training function for bi-encoder (retriever) training.
+"""The Ray Train per-worker training function: retriever (bi-encoder, InfoNCE)
+or reranker (cross-encoder, grouped CE / BCE), chosen by ``train.task``.
 
 Every rank sees the same deterministic order: epoch ``e`` shuffles the groups
 with ``(seed, e)``, each optimizer step takes ``grad_accum`` global
@@ -23,15 +24,18 @@ from torch import nn
 
 from raysys.config import Config, _build
 from raysys.contract import EncodingContract
-from raysys.data.collator import RetrievalCollator
+from raysys.data.collator import RerankCollator, RetrievalCollator
 from raysys.data.groups import TrainingSet
-from raysys.losses import info_nce
+from raysys.losses import grouped_ce, info_nce, pointwise_bce
 from raysys.models.embedder import Embedder, build_backbone, export_embedder, load_tokenizer
 from raysys.models.hub import resolve_model
+from raysys.models.reranker import RerankContract, Reranker, export_reranker
 from raysys.train.engine import deepspeed_config, initialize, setup_accelerator_env
 
 log = logging.getLogger(__name__)
 
+# Fault-injection knob for tests: sleep this long before each optimizer step.
+THROTTLE_S = float(os.environ.get("RAYSYS_TRAIN_THROTTLE_S", "0") or 0)
 HISTORY_FILE = "history.json"
 EXPORT_DIR = "export"
 PROBE_FILE = "train_probe.json"
@@ -97,12 +101,12 @@ def _probe_embeddings(embedder: Embedder, tokenizer: Any, data: TrainingSet) -> 
     }
 
 
-def _full_state_dict(engine: Any, stage: int) -> dict[str, torch.Tensor] | None:
-    """The full (gathered) weights of the embedder's backbone on rank 0, else None."""
+def _full_state_dict(module: nn.Module, stage: int) -> dict[str, torch.Tensor] | None:
+    """The full (gathered) weights of ``module`` on rank 0, else None."""
     import deepspeed
     import torch.distributed as dist
 
-    backbone = engine.module.embedder.backbone
+    backbone = module
     rank = dist.get_rank() if dist.is_initialized() else 0
     if stage == 3:
         params = list(backbone.parameters())
@@ -116,6 +120,43 @@ def _full_state_dict(engine: Any, stage: int) -> dict[str, torch.Tensor] | None:
     if rank != 0:
         return None
     return {k: v.detach().float().cpu().clone() for k, v in backbone.state_dict().items()}
+
+
+def _retrieval_loss(engine: Any, batch: Any, t: Any, device: torch.device) -> torch.Tensor:
+    q, p = engine(
+        batch.queries["input_ids"].to(device),
+        batch.queries["attention_mask"].to(device),
+        batch.passages["input_ids"].to(device),
+        batch.passages["attention_mask"].to(device),
+    )
+    fn_mask = t.mask_false_negatives
+    return info_nce(
+        q,
+        p,
+        group_size=t.group_size,
+        temperature=t.temperature,
+        in_batch=t.in_batch_negatives,
+        gather=t.gather_negatives,
+        passage_ids=batch.passage_ids if fn_mask else None,
+        query_positive_ids=batch.query_positive_ids if fn_mask else None,
+    )
+
+
+def _probe_scores(model: Reranker, tokenizer: Any, data: TrainingSet) -> dict[str, Any]:
+    """Training-time scores of a few fixed pairs, to check the export against."""
+    c = model.contract
+    rows = [data.positives[i][0] for i in range(min(4, len(data)))]
+    _, titles, texts = data.texts(rows)
+    pairs = [
+        c.format_pair(q, ti, tx) for q, ti, tx in zip(data.queries[:4], titles, texts, strict=True)
+    ]
+    enc = tokenizer.pad({"input_ids": c.token_ids(tokenizer, pairs)}, return_tensors="pt")
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        scores = model(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+    model.train()
+    return {"pairs": pairs, "scores": scores.float().cpu().tolist()}
 
 
 def train_func(config: dict[str, Any]) -> dict[str, Any]:
@@ -142,8 +183,10 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     data: TrainingSet = config["data"]
     if not isinstance(data, TrainingSet):  # an ObjectRef from the driver
         data = ray.get(data)
-    model_path = resolve_model(cfg.model.path)
-    contract: EncodingContract = cfg.encoding_contract()
+    rerank = t.task == "rerank"
+    model_cfg = cfg.reranker if rerank else cfg.model
+    model_path = resolve_model(model_cfg.path)
+    contract: Any = cfg.rerank_contract() if rerank else cfg.encoding_contract()
     tokenizer = load_tokenizer(model_path)
     micro_per_epoch, total_steps = plan_steps(len(data), t, world)
     ds_config = deepspeed_config(t, world)
@@ -159,12 +202,17 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(t.seed)
     backbone = build_backbone(
         model_path,
-        random_init=cfg.model.random_init,
-        lora=cfg.model.lora,
+        random_init=model_cfg.random_init,
+        lora=model_cfg.lora,
         gradient_checkpointing=t.gradient_checkpointing,
     )
-    embedder = Embedder(backbone, contract)
-    engine, _, scheduler = initialize(DualEncoder(embedder), t, ds_config, total_steps)
+    if rerank:
+        model: nn.Module = Reranker(backbone, contract)
+        trained: nn.Module = model
+    else:
+        model = DualEncoder(Embedder(backbone, contract))
+        trained = model.embedder.backbone
+    engine, _, scheduler = initialize(model, t, ds_config, total_steps)
     del hf_ds
 
     # -- resume ---------------------------------------------------------------------
@@ -182,21 +230,28 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             log.info("resumed at step %d of %d", start_step, total_steps)
 
-    collator = RetrievalCollator(data, tokenizer, contract, t.group_size)
-    use_gather = t.gather_negatives and t.in_batch_negatives
+    collator: Any = (RerankCollator if rerank else RetrievalCollator)(
+        data, tokenizer, contract, t.group_size
+    )
+    use_gather = t.gather_negatives and t.in_batch_negatives and not rerank
     stop_at = min(total_steps, t.stop_after) if t.stop_after > 0 else total_steps
 
     def save(step: int, metrics: dict[str, Any], final: bool) -> None:
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=f"step-{step}", client_state={"step": step})
-            sd = _full_state_dict(engine, t.zero_stage) if final else None
-            probe = _probe_embeddings(embedder, tokenizer, data) if final else None
+            sd = _full_state_dict(trained, t.zero_stage) if final else None
+            probe = None
+            if final:
+                probe = (
+                    _probe_scores(engine.module, tokenizer, data)
+                    if rerank
+                    else _probe_embeddings(engine.module.embedder, tokenizer, data)
+                )
             if rank == 0:
                 (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
                 if final and sd is not None:
-                    _export_from_state_dict(
-                        cfg, model_path, tokenizer, contract, sd, Path(d) / EXPORT_DIR
-                    )
+                    export = _export_reranker if rerank else _export_from_state_dict
+                    export(cfg, model_path, tokenizer, contract, sd, Path(d) / EXPORT_DIR)
                     (Path(d) / EXPORT_DIR / PROBE_FILE).write_text(json.dumps(probe))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -204,29 +259,22 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     metrics: dict[str, Any] = {"step": start_step}
     t0, n_examples, n_tokens = time.perf_counter(), 0, 0
     for step in range(start_step, stop_at):
+        if THROTTLE_S:
+            time.sleep(THROTTLE_S)
         step_loss = 0.0
         for k in range(t.grad_accum):
             micro = step * t.grad_accum + k
             epoch, idx = micro_batch_indices(len(data), t, micro, micro_per_epoch, rank, world)
             torch.manual_seed(t.seed * 1_000_003 + micro * 101 + rank)
             batch = collator(idx, epoch, t.seed)
-            q, p = engine(
-                batch.queries["input_ids"].to(device),
-                batch.queries["attention_mask"].to(device),
-                batch.passages["input_ids"].to(device),
-                batch.passages["attention_mask"].to(device),
-            )
-            fn_mask = t.mask_false_negatives
-            loss = info_nce(
-                q,
-                p,
-                group_size=t.group_size,
-                temperature=t.temperature,
-                in_batch=t.in_batch_negatives,
-                gather=t.gather_negatives,
-                passage_ids=batch.passage_ids if fn_mask else None,
-                query_positive_ids=batch.query_positive_ids if fn_mask else None,
-            )
+            if rerank:
+                scores = engine(
+                    batch.pairs["input_ids"].to(device), batch.pairs["attention_mask"].to(device)
+                )
+                loss_fn = grouped_ce if t.rerank_loss == "grouped_ce" else pointwise_bce
+                loss = loss_fn(scores, t.group_size)
+            else:
+                loss = _retrieval_loss(engine, batch, t, device)
             engine.backward(loss)
             engine.step()
             # The gathered loss is scaled by world size for exact gradients.
@@ -287,3 +335,23 @@ def _export_from_state_dict(
         )
     os.makedirs(out, exist_ok=True)
     export_embedder(backbone, tokenizer, contract, out, merge=not cfg.model.export_adapter)
+
+
+def _export_reranker(
+    cfg: Config,
+    model_path: str,
+    tokenizer: Any,
+    contract: RerankContract,
+    state_dict: dict[str, torch.Tensor],
+    out: Path,
+) -> None:
+    """Rebuild the reranker un-partitioned on rank 0, load the gathered weights, export."""
+    r = cfg.reranker
+    model = Reranker(build_backbone(model_path, random_init=True, lora=r.lora), contract)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if unexpected or missing:
+        raise RuntimeError(
+            f"export: state dict mismatch (missing {missing}, unexpected {unexpected})"
+        )
+    head = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
+    export_reranker(model, head, tokenizer, out)

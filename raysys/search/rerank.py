@@ -1,0 +1,243 @@
+"""The rerank stage: score a first-stage run's top-k with a cross-encoder on a
+Ray Data actor pool, and write the reranked run.
+
+Every top-k candidate comes back exactly once (checked), ordered by reranker
+score, ties broken by doc id. With ``keep_tail`` the candidates below top-k
+follow in their first-stage order with scores below the reranked ones, so the
+run keeps its depth (Recall@1000 still describes the first stage). Queries
+with no candidates are counted; top-k candidates missing from the corpus are
+counted and placed first in the tail (kept, never silently dropped).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raysys.data.readers import Report
+from raysys.search.runfile import Run
+
+log = logging.getLogger(__name__)
+
+
+def candidate_pairs(
+    run: Run,
+    queries: dict[str, str],
+    corpus: pa.Table,
+    topk: int,
+    report: Report,
+) -> tuple[pa.Table, dict[str, tuple[list[str], list[str]]]]:
+    """(pairs: qid, docid, query, title, text; tails: qid -> (unscored top-k ids, ids below top-k))."""
+    wanted: set[str] = set()
+    ranked: dict[str, list[str]] = {}
+    for qid in sorted(run):
+        hits = run[qid]
+        if not hits:
+            report.skip("queries with no candidates", qid)
+            continue
+        if qid not in queries:
+            report.skip("run queries without query text", qid)
+            continue
+        ranked[qid] = sorted(hits, key=lambda d: (-hits[d], d))
+        wanted.update(ranked[qid][:topk])
+    sub = corpus.filter(pc.is_in(corpus.column("id"), pa.array(sorted(wanted), pa.string())))
+    row = {d: i for i, d in enumerate(sub.column("id").to_pylist())}
+    titles, texts = sub.column("title").to_pylist(), sub.column("text").to_pylist()
+    cols: dict[str, list[str]] = {k: [] for k in ("qid", "docid", "query", "title", "text")}
+    tails: dict[str, tuple[list[str], list[str]]] = {}
+    for qid, docs in ranked.items():
+        unscored = []
+        for d in docs[:topk]:
+            if d not in row:
+                report.skip("candidates missing from the corpus (kept unscored)", f"{qid}/{d}")
+                unscored.append(d)
+                continue
+            cols["qid"].append(qid)
+            cols["docid"].append(d)
+            cols["query"].append(queries[qid])
+            cols["title"].append(titles[row[d]])
+            cols["text"].append(texts[row[d]])
+        tails[qid] = (unscored, docs[topk:])
+    return pa.table({k: pa.array(v, pa.string()) for k, v in cols.items()}), tails
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(path: str) -> Any:
+    from raysys.models.embedder import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def tokenize_pairs(batch: pa.Table, model_path: str, contract: dict[str, Any]) -> pa.Table:
+    """Ray Data CPU task: format and tokenize pairs."""
+    from raysys.models.reranker import RerankContract
+
+    c = RerankContract.from_dict(contract)
+    pairs = [
+        c.format_pair(q, ti, tx)
+        for q, ti, tx in zip(
+            batch.column("query").to_pylist(),
+            batch.column("title").to_pylist(),
+            batch.column("text").to_pylist(),
+            strict=True,
+        )
+    ]
+    ids = c.token_ids(_tokenizer(model_path), pairs)
+    return pa.table(
+        {
+            "qid": batch.column("qid"),
+            "docid": batch.column("docid"),
+            "input_ids": pa.array(ids, pa.list_(pa.int32())),
+        }
+    )
+
+
+class RerankActor:
+    """Ray Data actor: holds the reranker, scores tokenized pairs."""
+
+    def __init__(self, model_path: str, opts: dict[str, Any]) -> None:
+        import os
+
+        import torch
+
+        from raysys.models.reranker import Scorer
+
+        threads = opts.get("torch_threads") or max(1, (os.cpu_count() or 1) // opts["actors"])
+        torch.set_num_threads(int(threads))
+        device = "cuda" if opts.get("use_gpu") and torch.cuda.is_available() else "cpu"
+        self.scorer = Scorer(model_path, device, opts["micro_batch"], opts.get("int8", False))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scores = self.scorer.score_ids(batch.column("input_ids").to_pylist())
+        return pa.table(
+            {
+                "qid": batch.column("qid"),
+                "docid": batch.column("docid"),
+                "score": pa.array(scores, pa.float64()),
+            }
+        )
+
+
+def score_pairs_ray(pairs: pa.Table, model_path: str, rcfg: Any) -> pa.Table:
+    """Score every pair on an actor pool; returns qid, docid, score (any order)."""
+    import ray
+
+    from raysys.models.reranker import RerankContract
+    from raysys.train.launch import ensure_ray
+
+    ensure_ray()
+    contract = RerankContract.load(model_path).to_dict()
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if rcfg.use_gpu else 0
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n_actors = rcfg.actors or (max(1, gpus) if rcfg.use_gpu else 1)
+    if not rcfg.use_gpu and n_actors * rcfg.cpus_per_actor >= cpus:
+        n_actors = max(1, int((cpus - 0.5) // rcfg.cpus_per_actor))
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = 4 * 1024 * 1024
+    ds = ray.data.from_arrow(pairs)
+    ds = ds.map_batches(
+        tokenize_pairs,
+        batch_size=rcfg.batch_size,
+        batch_format="pyarrow",
+        fn_kwargs={"model_path": model_path, "contract": contract},
+        num_cpus=0.25,
+    )
+    ds = ds.repartition(target_num_rows_per_block=rcfg.batch_size)
+    ds = ds.map_batches(
+        RerankActor,
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        batch_size=rcfg.batch_size,
+        batch_format="pyarrow",
+        fn_constructor_kwargs={
+            "model_path": model_path,
+            "opts": {
+                "actors": n_actors,
+                "use_gpu": rcfg.use_gpu,
+                "micro_batch": rcfg.micro_batch,
+                "int8": rcfg.int8,
+            },
+        },
+        num_cpus=min(rcfg.cpus_per_actor, max(0.5, cpus - 0.5)) if not rcfg.use_gpu else 1,
+        num_gpus=1 if rcfg.use_gpu else 0,
+    )
+    parts, seen, t0, last = [], 0, time.perf_counter(), 0.0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        parts.append(batch)
+        seen += batch.num_rows
+        now = time.perf_counter()
+        if now - last > 10 or seen == pairs.num_rows:
+            last = now
+            print(
+                f"[raysys] reranked {seen}/{pairs.num_rows} pairs "
+                f"({seen / max(now - t0, 1e-9):.1f}/s)",
+                flush=True,
+            )
+    if not parts:
+        return pa.table({"qid": [], "docid": [], "score": pa.array([], pa.float64())})
+    return pa.concat_tables(parts)
+
+
+def assemble_run(
+    scored: pa.Table,
+    pairs: pa.Table,
+    tails: dict[str, tuple[list[str], list[str]]],
+    keep_tail: bool,
+) -> Run:
+    """The reranked run; checks every pair came back exactly once."""
+    got = list(
+        zip(scored.column("qid").to_pylist(), scored.column("docid").to_pylist(), strict=True)
+    )
+    want = list(
+        zip(pairs.column("qid").to_pylist(), pairs.column("docid").to_pylist(), strict=True)
+    )
+    if len(got) != len(set(got)) or set(got) != set(want):
+        raise RuntimeError(
+            f"rerank: scored {len(got)} pairs ({len(set(got))} distinct) for "
+            f"{len(want)} candidates; the stage lost or duplicated some"
+        )
+    run: Run = {}
+    for (qid, did), s in zip(got, scored.column("score").to_pylist(), strict=True):
+        run.setdefault(qid, {})[did] = float(s)
+    for qid, (unscored, below) in tails.items():
+        hits = run.setdefault(qid, {})
+        tail = unscored + (below if keep_tail else [])
+        if tail:
+            floor = min(hits.values(), default=0.0)
+            for i, did in enumerate(tail, start=1):
+                if did not in hits:
+                    hits[did] = floor - i
+    return run
+
+
+def rerank_run(
+    run: Run,
+    queries: dict[str, str],
+    corpus: pa.Table,
+    model_path: str,
+    rcfg: Any,
+    report: Report | None = None,
+) -> tuple[Run, Report]:
+    """Rerank ``run``'s top ``rcfg.topk`` per query; see the module docstring."""
+    from raysys.models.hub import resolve_model
+
+    report = report if report is not None else Report()
+    model_path = resolve_model(model_path)
+    pairs, tails = candidate_pairs(run, queries, corpus, rcfg.topk, report)
+    log.info("reranking %d pairs for %d queries (top %d)", pairs.num_rows, len(tails), rcfg.topk)
+    scored = score_pairs_ray(pairs, model_path, rcfg)
+    out = assemble_run(scored, pairs, tails, rcfg.keep_tail)
+    if report.counts:
+        log.warning("rerank: %s", report.summary())
+    return out, report
+
+
+def write_report(report: Report, path: str | Path) -> None:
+    import json
+
+    Path(path).write_text(json.dumps(report.to_dict(), indent=2))

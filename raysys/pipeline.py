@@ -59,6 +59,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
             model, contract = str(outcome.model_dir), None  # the export carries its contract
         train_summary = outcome
     emb_dir = out / "encode"
+    encoder = _QueryEncoder(model, contract)
     index_dir = out / "index"
     if "encode" in stages:
         from raysys.index.encode import EMB_DIR, encode_corpus
@@ -80,7 +81,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
             emb_dir / EMB_DIR,
             index_dir,
             cfg.index.factory,
-            tune_queries=_tuning_queries(cfg, beir, model, contract),
+            tune_queries=_tuning_queries(cfg, beir, encoder),
             train_sample=cfg.index.train_sample,
             ondisk=cfg.index.ondisk,
             seed=cfg.index.seed,
@@ -99,7 +100,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
             notes.append(f"{len(missing)} qrels queries have no text in queries.jsonl")
         queries = {q: queries[q] for q in qrels if q in queries}
         t0 = time.perf_counter()
-        searcher = Searcher(index_dir, model, contract)
+        searcher = Searcher(index_dir, model, contract, loaded=encoder.get())
         qids = sorted(queries)
         qvecs = searcher.encode([queries[q] for q in qids], cfg.search.batch_size)
         s = cfg.search
@@ -147,19 +148,31 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
     return metrics
 
 
-def _tuning_queries(cfg: Config, beir: BeirFolder, model: str, contract: Any) -> Any:
+class _QueryEncoder:
+    """The query encoder, loaded once on first use (nprobe tuning, then search)."""
+
+    def __init__(self, model: str, contract: Any) -> None:
+        self.model, self.contract, self._loaded = model, contract, None
+
+    def get(self) -> tuple[Any, Any]:
+        if self._loaded is None:
+            from raysys.models.embedder import load_embedder
+
+            self._loaded = load_embedder(self.model, "cpu", self.contract)
+        return self._loaded
+
+
+def _tuning_queries(cfg: Config, beir: BeirFolder, encoder: _QueryEncoder) -> Any:
     """Vectors of up to 500 training-split queries (never the evaluated split),
     to tune the index's default nprobe on real queries; None if there are none."""
     split = cfg.data.train_split
     if split == cfg.data.split or not (beir.root / "qrels" / f"{split}.tsv").is_file():
         return None
-    from raysys.models.embedder import load_embedder
-
     queries = beir.queries()
     qids = [q for q in sorted(beir.qrels(split)) if q in queries][:500]
     if not qids:
         return None
-    embedder, tok = load_embedder(model, "cpu", contract)
+    embedder, tok = encoder.get()
     return embedder.encode_texts(tok, [queries[q] for q in qids], "query").numpy()
 
 

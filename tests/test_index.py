@@ -148,15 +148,18 @@ def test_killed_encode_resumes_without_duplicates(tiny_bert_dir, tmp_path):
         f"--out={out}",
     ]
     env = {**os.environ, "RAYSYS_ENCODE_THROTTLE_S": "0.2"}
+    log = (tmp_path / "encode.log").open("w")
     proc = subprocess.Popen(
-        args, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        args, start_new_session=True, env=env, stdout=log, stderr=subprocess.STDOUT
     )
     manifest = out / EMB_DIR / "manifest.json"
     deadline = time.time() + 300
     while time.time() < deadline:
         if manifest.is_file() and len(json.loads(manifest.read_text())["done"]) >= 3:
             break
-        assert proc.poll() is None, "encode ended before it could be killed"
+        if proc.poll() is not None:
+            tail = (tmp_path / "encode.log").read_text()[-4000:]
+            pytest.fail(f"encode ended (rc {proc.returncode}) before it could be killed:\n{tail}")
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -173,3 +176,21 @@ def test_killed_encode_resumes_without_duplicates(tiny_bert_dir, tmp_path):
     build_index(out / EMB_DIR, tmp_path / "index", "Flat")
     index, index_ids, _ = load_index(tmp_path / "index")
     assert index.ntotal == 2000 and sorted(index_ids) == sorted(f"d{k}" for k in range(2000))
+
+
+@pytest.mark.parametrize("kind", ["fixed_list", "ray_tensor", "chunked"])
+def test_vectors_column_normalised_to_fixed_size_list(kind):
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    from raysys.index.encode import _as_fixed_list
+
+    vecs = np.arange(12, dtype=np.float32).reshape(3, 4)
+    col = {
+        "fixed_list": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), 4),
+        "ray_tensor": ArrowTensorArray.from_numpy(vecs),
+        "chunked": pa.chunked_array([ArrowTensorArray.from_numpy(vecs)]),
+    }[kind]
+    out = _as_fixed_list(col)
+    assert pa.types.is_fixed_size_list(out.type) and out.type.list_size == 4
+    np.testing.assert_array_equal(out.flatten().to_numpy().reshape(3, 4), vecs)

@@ -204,3 +204,49 @@ def test_tiny_decoder_reranker_trains_under_zero3(ray_local, tiny_llama_dir, tmp
     ids = scorer.contract.token_ids(scorer.tokenizer, probe["pairs"])
     assert all(x[-1] == scorer.tokenizer.eos_token_id for x in ids)
     assert scorer.score_ids(ids) == pytest.approx(probe["scores"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_mine_command_end_to_end(ray_local, tiny_bert_dir, toy_data, tmp_path):
+    """`raysys mine` without an index: encode, exact index, retrieve, sample, write."""
+    from raysys.cli import main
+    from raysys.data.groups import read_groups
+    from raysys.data.readers import read_corpus
+
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text((toy_data / "corpus.jsonl").read_text())
+    groups = [json.loads(x) for x in (toy_data / "groups.jsonl").read_text().splitlines()]
+    with (beir / "queries.jsonl").open("w") as f:
+        for g in groups:
+            f.write(json.dumps({"_id": g["query_id"], "text": g["query"]}) + "\n")
+    (beir / "qrels" / "train.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n"
+        + "".join(f"{g['query_id']}\t{g['positives'][0]}\t1\n" for g in groups)
+    )
+    out = tmp_path / "mined.jsonl"
+    rc = main(
+        [
+            "mine",
+            "-",
+            f"model={tiny_bert_dir}",
+            f"data={beir}",
+            "contract.pooling=cls",
+            "--out",
+            str(out),
+            "--ranks",
+            "2:20",
+            "--n",
+            "5",
+        ]
+    )
+    assert rc == 0
+    mined = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(mined) == len(groups)
+    for g in mined:
+        assert len(g["negatives"]) == 5 and g["positives"][0] not in g["negatives"]
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["groups"] == len(groups) and summary["ranks"] == [2, 20]
+    # The file reads back as training groups against the corpus.
+    ts = read_groups(out, read_corpus(beir / "corpus.jsonl"))
+    assert len(ts) == len(groups) and all(len(n) == 5 for n in ts.negatives)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -19,12 +20,18 @@ class Searcher:
     """A loaded index plus the query encoder whose contract matches it."""
 
     def __init__(
-        self, index_dir: str | Path, model: str, contract: EncodingContract | None = None
+        self,
+        index_dir: str | Path,
+        model: str,
+        contract: EncodingContract | None = None,
+        *,
+        loaded: tuple[Any, Any] | None = None,
     ) -> None:
+        """``loaded``: an already loaded ``(embedder, tokenizer)`` of ``model``."""
         from raysys.models.embedder import load_embedder
 
         self.index, self.ids, self.manifest = load_index(index_dir)
-        self.model, self.tokenizer = load_embedder(model, "cpu", contract)
+        self.model, self.tokenizer = loaded or load_embedder(model, "cpu", contract)
         check_compatible(EncodingContract.from_dict(self.manifest["contract"]), self.model.contract)
 
     def encode(self, queries: list[str], batch_size: int = 256) -> np.ndarray:

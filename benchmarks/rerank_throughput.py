@@ -72,7 +72,6 @@ def main() -> None:
 
         from raysys.models.reranker import Scorer
 
-        torch.set_num_threads(torch.get_num_threads())
         t0 = time.perf_counter()
         scorer = Scorer(model, micro_batch=args.micro_batch)
         plain = scorer.score(

@@ -11,7 +11,6 @@ counted and placed first in the tail (kept, never silently dropped).
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from pathlib import Path
@@ -67,15 +66,9 @@ def candidate_pairs(
     return pa.table({k: pa.array(v, pa.string()) for k, v in cols.items()}), tails
 
 
-@functools.lru_cache(maxsize=2)
-def _tokenizer(path: str) -> Any:
-    from raysys.models.embedder import load_tokenizer
-
-    return load_tokenizer(path)
-
-
 def tokenize_pairs(batch: pa.Table, model_path: str, contract: dict[str, Any]) -> pa.Table:
     """Ray Data CPU task: format and tokenize pairs."""
+    from raysys.index.encode import _tokenizer
     from raysys.models.reranker import RerankContract
 
     c = RerankContract.from_dict(contract)

@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from raysys.config import ConfigError, load_config
 from raysys.contract import ContractError
@@ -189,44 +191,44 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_verb(
+    sub: Any, name: str, help: str, func: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """A verb that takes a YAML config and key=value overrides."""
+    v = sub.add_parser(name, help=help)
+    v.add_argument("config", help="YAML config (see jobs/)")
+    v.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.zero_stage=3")
+    v.set_defaults(func=func)
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raysys", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="verb", required=True)
 
-    t = sub.add_parser("train", help="train a retriever on Ray Train + DeepSpeed")
-    t.add_argument("config", help="YAML config (see jobs/)")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.zero_stage=3")
+    t = _config_verb(
+        sub, "train", "train a retriever or reranker on Ray Train + DeepSpeed", _cmd_train
+    )
     t.add_argument("--out", help="output directory (default: config `out`, else runs/train)")
-    t.set_defaults(func=_cmd_train)
 
-    pl = sub.add_parser("pipeline", help="train -> encode -> index -> search -> evaluate")
-    pl.add_argument("config")
-    pl.add_argument("overrides", nargs="*")
+    pl = _config_verb(
+        sub, "pipeline", "train -> encode -> index -> search -> rerank -> evaluate", _cmd_pipeline
+    )
     pl.add_argument("--out", required=True)
-    pl.set_defaults(func=_cmd_pipeline)
 
-    e = sub.add_parser("encode", help="encode a corpus into embedding shards (Ray Data)")
-    e.add_argument("config")
-    e.add_argument("overrides", nargs="*")
+    e = _config_verb(sub, "encode", "encode a corpus into embedding shards (Ray Data)", _cmd_encode)
     e.add_argument("--corpus", help="corpus file or BEIR folder (default: data.path)")
     e.add_argument("--out", required=True)
-    e.set_defaults(func=_cmd_encode)
 
-    ix = sub.add_parser("index", help="build a FAISS index from embedding shards")
-    ix.add_argument("config")
-    ix.add_argument("overrides", nargs="*")
+    ix = _config_verb(sub, "index", "build a FAISS index from embedding shards", _cmd_index)
     ix.add_argument("--embeddings", required=True, help="the output folder of `raysys encode`")
     ix.add_argument("--out", required=True)
-    ix.set_defaults(func=_cmd_index)
 
-    se = sub.add_parser("search", help="search an index with queries; writes a TREC run")
-    se.add_argument("config")
-    se.add_argument("overrides", nargs="*")
+    se = _config_verb(sub, "search", "search an index with queries; writes a TREC run", _cmd_search)
     se.add_argument("--index", required=True)
     se.add_argument("--queries", required=True, help="queries.jsonl (BEIR) or JSONL/Parquet")
     se.add_argument("--run", required=True, help="output run file")
-    se.set_defaults(func=_cmd_search)
 
     ev = sub.add_parser("evaluate", help="nDCG@10, MRR@10, Recall@100/1000 of a run")
     ev.add_argument("--qrels", required=True)
@@ -234,9 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="metrics.json to write")
     ev.set_defaults(func=_cmd_evaluate)
 
-    mi = sub.add_parser("mine", help="mine hard negatives into training groups")
-    mi.add_argument("config")
-    mi.add_argument("overrides", nargs="*")
+    mi = _config_verb(sub, "mine", "mine hard negatives into training groups", _cmd_mine)
     mi.add_argument("--index", help="an index of the corpus (else: encode + exact index)")
     mi.add_argument("--out", required=True, help="groups JSONL to write")
     mi.add_argument("--ranks", default="10:100", help="rank range to sample from (from:to)")
@@ -246,16 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument(
         "--margin", type=float, help="drop candidates scored above (lowest positive - margin)"
     )
-    mi.set_defaults(func=_cmd_mine)
 
-    rr = sub.add_parser("rerank", help="rerank a run's top-k with a cross-encoder (Ray Data)")
-    rr.add_argument("config")
-    rr.add_argument("overrides", nargs="*")
+    rr = _config_verb(
+        sub, "rerank", "rerank a run's top-k with a cross-encoder (Ray Data)", _cmd_rerank
+    )
     rr.add_argument("--run", required=True, help="first-stage TREC run")
     rr.add_argument("--queries", required=True)
     rr.add_argument("--corpus", required=True, help="corpus file or BEIR folder")
     rr.add_argument("--out", required=True, help="reranked TREC run to write")
-    rr.set_defaults(func=_cmd_rerank)
 
     d = sub.add_parser("demo-data", help="write the stdlib-docstring demo dataset as a BEIR folder")
     d.add_argument("out")

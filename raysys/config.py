@@ -183,6 +183,9 @@ class RerankerConfig:
     # Keep the candidates below top-k after the reranked ones (so Recall@1000
     # still describes the first stage) instead of dropping them.
     keep_tail: bool = True
+    # Final score = weight * reranker + (1 - weight) * first stage, each
+    # min-max normalised per query over the top-k (1.0: the reranker alone).
+    weight: float = 1.0
     actors: int = 0
     use_gpu: bool = False
     cpus_per_actor: float = 1.0
@@ -390,6 +393,7 @@ def _validate(cfg: Config) -> None:
         (cfg.search.topk >= 1, "search.topk must be >= 1"),
         (cfg.search.nprobe >= 0, "search.nprobe must be >= 0"),
         (cfg.reranker.topk >= 1, "reranker.topk must be >= 1"),
+        (0.0 <= cfg.reranker.weight <= 1.0, "reranker.weight must be in [0, 1]"),
         (
             t.task != "rerank" or t.group_size >= 2,
             "train.group_size must be >= 2 for train.task=rerank (1 positive + negatives)",

@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 CONTRACT_FILE = "raysys_contract.json"
 Pooling = Literal["cls", "mean", "last"]
@@ -37,8 +37,50 @@ class ContractError(ValueError):
     """Raised when a contract is invalid or two contracts disagree."""
 
 
+_C = TypeVar("_C", bound="JsonContract")
+
+
+class JsonContract:
+    """JSON persistence shared by the contracts: one dataclass, one file in a folder."""
+
+    FILE: ClassVar[str]
+    LABEL: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[_C], d: dict[str, Any]) -> _C:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ContractError(f"unknown {cls.LABEL} field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / self.FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def missing_message(cls, path: Path) -> str:
+        return f"no {cls.LABEL} at {path}"
+
+    @classmethod
+    def load(cls: type[_C], directory: str | Path) -> _C:
+        path = Path(directory) / cls.FILE
+        if not path.is_file():
+            raise ContractError(cls.missing_message(path))
+        return cls.from_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def exists(cls, directory: str | Path) -> bool:
+        return (Path(directory) / cls.FILE).is_file()
+
+
 @dataclass
-class EncodingContract:
+class EncodingContract(JsonContract):
     """How texts become vectors.
 
     ``query_prefix`` may be an instruction template such as
@@ -63,6 +105,9 @@ class EncodingContract:
     # Where the weights are when the export is an adapter (LoRA) over a base.
     base_model: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    FILE: ClassVar[str] = CONTRACT_FILE
+    LABEL: ClassVar[str] = "encoding contract"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,35 +167,6 @@ class EncodingContract:
     def tokenize(self, tokenizer: Any, texts: list[str], kind: Kind) -> dict[str, Any]:
         """Tokenize already-formatted texts under this contract; returns padded tensors."""
         return self.pad(tokenizer, self.token_ids(tokenizer, texts, kind))
-
-    # -- persistence ----------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EncodingContract:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ContractError(f"unknown contract field(s): {', '.join(unknown)}")
-        return cls(**d)
-
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / CONTRACT_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> EncodingContract:
-        path = Path(directory) / CONTRACT_FILE
-        if not path.is_file():
-            raise ContractError(f"no encoding contract at {path}")
-        return cls.from_dict(json.loads(path.read_text()))
-
-    @classmethod
-    def exists(cls, directory: str | Path) -> bool:
-        return (Path(directory) / CONTRACT_FILE).is_file()
 
 
 def check_compatible(index_contract: EncodingContract, query_contract: EncodingContract) -> None:

@@ -47,7 +47,7 @@ def test_unknown_key_in_file_is_named(tmp_path):
         ("train.precision=fp8", "train.precision: 'fp8' is not one of"),
         ("train.gather_negatives=maybe", "train.gather_negatives: expected true or false"),
         ("contract.pooling=max", "contract.pooling must be cls, mean or last"),
-        ("contract.colour=red", "unknown contract field"),
+        ("contract.colour=red", "unknown encoding contract field"),
         ("noequals", "not of the form key=value"),
     ],
 )

@@ -159,6 +159,26 @@ def test_assemble_refuses_lost_pairs():
         assemble_run(scored, pairs, {"a": ([], [])}, keep_tail=True)
 
 
+def test_score_interpolation_mixes_normalised_scores_and_keeps_the_tail():
+    from raysys.search.rerank import assemble_run
+
+    first = {"a": {"x": 30.0, "y": 20.0, "z": 10.0, "t": 5.0}}
+    pairs = pa.table({"qid": ["a"] * 3, "docid": ["x", "y", "z"]})
+    # Reranker: z > y > x, first stage: x > y > z.
+    scored = pa.table({"qid": ["a"] * 3, "docid": ["z", "y", "x"], "score": [4.0, 3.0, 0.0]})
+    tails = {"a": ([], ["t"])}
+    only = assemble_run(scored, pairs, tails, keep_tail=True)["a"]
+    assert sorted(only, key=lambda d: -only[d]) == ["z", "y", "x", "t"]
+    mixed = assemble_run(scored, pairs, tails, keep_tail=True, first=first, weight=0.25)["a"]
+    # x: 0.25*0 + 0.75*1 = 0.75; y: 0.25*0.75 + 0.75*0.5 = 0.5625; z: 0.25*1 + 0 = 0.25.
+    assert mixed["x"] == pytest.approx(0.75)
+    assert mixed["y"] == pytest.approx(0.5625)
+    assert mixed["z"] == pytest.approx(0.25)
+    assert sorted(mixed, key=lambda d: -mixed[d]) == ["x", "y", "z", "t"]
+    with pytest.raises(ValueError, match="first-stage"):
+        assemble_run(scored, pairs, tails, keep_tail=True, weight=0.5)
+
+
 @pytest.mark.slow
 def test_tiny_decoder_reranker_trains_under_zero3(ray_local, tiny_llama_dir, tmp_path):
     """The machinery under test: ZeRO-3 partitioning on 2 workers, EOS/last pooling,

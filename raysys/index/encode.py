@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from raysys.contract import ContractError, EncodingContract
 from raysys.data.readers import CORPUS_SCHEMA, Report, iter_corpus
 from raysys.index.manifest import read_manifest, write_json_atomic, write_manifest
+from raysys.pool import tokenize_and_map
 
 log = logging.getLogger(__name__)
 
@@ -279,41 +280,22 @@ def _run_encode(
     pending: list[dict[str, Any]],
     manifest: dict[str, Any],
 ) -> None:
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if enc.use_gpu else 0
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    n_actors = enc.actors or (max(1, gpus) if enc.use_gpu else 1)
-    if not enc.use_gpu and n_actors * enc.cpus_per_actor >= cpus:
-        # Leave CPU for the read/tokenize tasks, or the pipeline starves.
-        n_actors = max(1, int((cpus - 0.5) // enc.cpus_per_actor))
     paths = [str((out / CORPUS_DIR / s["name"]).resolve()) for s in pending]
     expected = {Path(p).name: s["rows"] for p, s in zip(paths, pending, strict=True)}
-    # Small output blocks: results stream back batch by batch (progress, shard
-    # completion) instead of one block per task, and actors share the work.
-    ctx = ray.data.DataContext.get_current()
-    ctx.target_max_block_size = 4 * 1024 * 1024
-    ds = ray.data.read_parquet(paths, include_paths=True)
-    ds = ds.map_batches(
-        tokenize_batch,
-        batch_size=enc.batch_size,
-        batch_format="pyarrow",
-        fn_kwargs={"model_path": model_path, "contract": contract.to_dict()},
-        num_cpus=0.25,
-    )
-    # Streaming split into blocks of one batch: actor tasks then finish (and
-    # their output streams back) batch by batch, not file by file.
-    ds = ds.repartition(target_num_rows_per_block=enc.batch_size)
-    ds = ds.map_batches(
-        EncodeActor,
-        compute=ray.data.ActorPoolStrategy(size=n_actors),
-        batch_size=enc.batch_size,
-        batch_format="pyarrow",
-        fn_constructor_kwargs={
+    ds = tokenize_and_map(
+        ray.data.read_parquet(paths, include_paths=True),
+        tokenize=tokenize_batch,
+        tokenize_kwargs={"model_path": model_path, "contract": contract.to_dict()},
+        actor=EncodeActor,
+        actor_kwargs=lambda n: {
             "model_path": model_path,
             "contract": contract.to_dict(),
-            "opts": {**_encode_opts(enc), "actors": n_actors},
+            "opts": {**_encode_opts(enc), "actors": n},
         },
-        num_cpus=min(enc.cpus_per_actor, max(0.5, cpus - 0.5)) if not enc.use_gpu else 1,
-        num_gpus=1 if enc.use_gpu else 0,
+        batch_size=enc.batch_size,
+        actors=enc.actors,
+        use_gpu=enc.use_gpu,
+        cpus_per_actor=enc.cpus_per_actor,
     )
     buffers: dict[str, list[pa.Table]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)

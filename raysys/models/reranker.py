@@ -13,16 +13,14 @@ The export is a plain Hugging Face model folder (LoRA merged) plus
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from raysys.contract import ContractError
+from raysys.contract import ContractError, JsonContract
 from raysys.models.embedder import _base_model, load_tokenizer, pool, weights_fingerprint
 from raysys.models.hub import resolve_model
 
@@ -31,8 +29,11 @@ HEAD_FILE = "score_head.safetensors"
 
 
 @dataclass
-class RerankContract:
+class RerankContract(JsonContract):
     """How a (query, passage) pair becomes a score."""
+
+    FILE: ClassVar[str] = RERANK_CONTRACT_FILE
+    LABEL: ClassVar[str] = "reranker contract"
 
     model: str = ""
     template: str = "query: {query} document: {document}"
@@ -73,31 +74,12 @@ class RerankContract:
         enc = tokenizer(pairs, truncation=True, max_length=self.max_len)
         return [list(x) for x in enc["input_ids"]]
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RerankContract:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ContractError(f"unknown reranker contract field(s): {', '.join(unknown)}")
-        return cls(**d)
-
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / RERANK_CONTRACT_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> RerankContract:
-        path = Path(directory) / RERANK_CONTRACT_FILE
-        if not path.is_file():
-            raise ContractError(
-                f"{directory} is not a raysys reranker export (no {RERANK_CONTRACT_FILE}); "
-                "train one with `raysys train CONFIG train.task=rerank`"
-            )
-        return cls.from_dict(json.loads(path.read_text()))
+    def missing_message(cls, path: Path) -> str:
+        return (
+            f"{path.parent} is not a raysys reranker export (no {cls.FILE}); "
+            "train one with `raysys train CONFIG train.task=rerank`"
+        )
 
 
 class Reranker(nn.Module):

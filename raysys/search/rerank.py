@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysys.data.readers import Report
+from raysys.pool import tokenize_and_map
 from raysys.search.runfile import Run
 
 log = logging.getLogger(__name__)
@@ -126,38 +127,24 @@ def score_pairs_ray(pairs: pa.Table, model_path: str, rcfg: Any) -> pa.Table:
 
     ensure_ray()
     contract = RerankContract.load(model_path).to_dict()
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if rcfg.use_gpu else 0
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    n_actors = rcfg.actors or (max(1, gpus) if rcfg.use_gpu else 1)
-    if not rcfg.use_gpu and n_actors * rcfg.cpus_per_actor >= cpus:
-        n_actors = max(1, int((cpus - 0.5) // rcfg.cpus_per_actor))
-    ctx = ray.data.DataContext.get_current()
-    ctx.target_max_block_size = 4 * 1024 * 1024
-    ds = ray.data.from_arrow(pairs)
-    ds = ds.map_batches(
-        tokenize_pairs,
-        batch_size=rcfg.batch_size,
-        batch_format="pyarrow",
-        fn_kwargs={"model_path": model_path, "contract": contract},
-        num_cpus=0.25,
-    )
-    ds = ds.repartition(target_num_rows_per_block=rcfg.batch_size)
-    ds = ds.map_batches(
-        RerankActor,
-        compute=ray.data.ActorPoolStrategy(size=n_actors),
-        batch_size=rcfg.batch_size,
-        batch_format="pyarrow",
-        fn_constructor_kwargs={
+    ds = tokenize_and_map(
+        ray.data.from_arrow(pairs),
+        tokenize=tokenize_pairs,
+        tokenize_kwargs={"model_path": model_path, "contract": contract},
+        actor=RerankActor,
+        actor_kwargs=lambda n: {
             "model_path": model_path,
             "opts": {
-                "actors": n_actors,
+                "actors": n,
                 "use_gpu": rcfg.use_gpu,
                 "micro_batch": rcfg.micro_batch,
                 "int8": rcfg.int8,
             },
         },
-        num_cpus=min(rcfg.cpus_per_actor, max(0.5, cpus - 0.5)) if not rcfg.use_gpu else 1,
-        num_gpus=1 if rcfg.use_gpu else 0,
+        batch_size=rcfg.batch_size,
+        actors=rcfg.actors,
+        use_gpu=rcfg.use_gpu,
+        cpus_per_actor=rcfg.cpus_per_actor,
     )
     parts, seen, t0, last = [], 0, time.perf_counter(), 0.0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -181,8 +168,15 @@ def assemble_run(
     pairs: pa.Table,
     tails: dict[str, tuple[list[str], list[str]]],
     keep_tail: bool,
+    first: Run | None = None,
+    weight: float = 1.0,
 ) -> Run:
-    """The reranked run; checks every pair came back exactly once."""
+    """The reranked run; checks every pair came back exactly once.
+
+    With ``weight < 1`` a candidate's score is ``weight * rerank + (1 - weight)
+    * first_stage``, both min-max normalised over the query's scored
+    candidates (score interpolation; ``first`` is the first-stage run).
+    """
     got = list(
         zip(scored.column("qid").to_pylist(), scored.column("docid").to_pylist(), strict=True)
     )
@@ -197,6 +191,10 @@ def assemble_run(
     run: Run = {}
     for (qid, did), s in zip(got, scored.column("score").to_pylist(), strict=True):
         run.setdefault(qid, {})[did] = float(s)
+    if weight < 1.0:
+        if first is None:
+            raise ValueError("score interpolation needs the first-stage run")
+        run = {qid: _interpolate(hits, first[qid], weight) for qid, hits in run.items()}
     for qid, (unscored, below) in tails.items():
         hits = run.setdefault(qid, {})
         tail = unscored + (below if keep_tail else [])
@@ -206,6 +204,20 @@ def assemble_run(
                 if did not in hits:
                     hits[did] = floor - i
     return run
+
+
+def _minmax(scores: dict[str, float]) -> dict[str, float]:
+    lo, hi = min(scores.values()), max(scores.values())
+    span = hi - lo
+    return {d: (s - lo) / span if span > 0 else 0.0 for d, s in scores.items()}
+
+
+def _interpolate(
+    rerank: dict[str, float], first: dict[str, float], weight: float
+) -> dict[str, float]:
+    r = _minmax(rerank)
+    f = _minmax({d: first[d] for d in rerank})
+    return {d: weight * r[d] + (1.0 - weight) * f[d] for d in rerank}
 
 
 def rerank_run(
@@ -224,7 +236,7 @@ def rerank_run(
     pairs, tails = candidate_pairs(run, queries, corpus, rcfg.topk, report)
     log.info("reranking %d pairs for %d queries (top %d)", pairs.num_rows, len(tails), rcfg.topk)
     scored = score_pairs_ray(pairs, model_path, rcfg)
-    out = assemble_run(scored, pairs, tails, rcfg.keep_tail)
+    out = assemble_run(scored, pairs, tails, rcfg.keep_tail, first=run, weight=rcfg.weight)
     if report.counts:
         log.warning("rerank: %s", report.summary())
     return out, report

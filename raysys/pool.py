@@ -1,0 +1,66 @@
+"""The tokenize -> actor-pool model stage shared by corpus encoding and reranking.
+
+Tokenizing runs in light CPU tasks; the model runs in a class-based map over an
+actor pool (one GPU per actor when asked, else CPU). Blocks are cut to one
+batch each so results stream back (progress, shard completion) batch by batch
+and the actors share the work evenly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def pool_size(ray: Any, actors: int, use_gpu: bool, cpus_per_actor: float) -> tuple[int, float]:
+    """(actors, CPUs per actor) for this cluster; CPU pools leave room for tokenizing."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if use_gpu:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        return actors or max(1, gpus), 1.0
+    n = actors or 1
+    if n * cpus_per_actor >= cpus:
+        # Leave CPU for the tokenize tasks, or the pipeline starves.
+        n = max(1, int((cpus - 0.5) // cpus_per_actor))
+    return n, min(cpus_per_actor, max(0.5, cpus - 0.5))
+
+
+def tokenize_and_map(
+    ds: Any,
+    *,
+    tokenize: Callable[..., Any],
+    tokenize_kwargs: dict[str, Any],
+    actor: type,
+    actor_kwargs: Callable[[int], dict[str, Any]],
+    batch_size: int,
+    actors: int,
+    use_gpu: bool,
+    cpus_per_actor: float,
+) -> Any:
+    """``ds`` tokenized in tasks, then mapped by ``actor`` on a pool.
+
+    ``actor_kwargs(n_actors)`` builds the actor's constructor kwargs (actors
+    size their torch thread pools from the pool size).
+    """
+    import ray
+
+    n_actors, cpus = pool_size(ray, actors, use_gpu, cpus_per_actor)
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = 4 * 1024 * 1024
+    ds = ds.map_batches(
+        tokenize,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        fn_kwargs=tokenize_kwargs,
+        num_cpus=0.25,
+    )
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    return ds.map_batches(
+        actor,
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        fn_constructor_kwargs=actor_kwargs(n_actors),
+        num_cpus=cpus,
+        num_gpus=1 if use_gpu else 0,
+    )

@@ -3,7 +3,8 @@ sentence-transformers `encode` on the same model, corpus and machine.
 
     .venv/bin/python benchmarks/encode_throughput.py --data ../shared/data/scifact
 
-Each raysys variant (fp32, and the CPU levers bf16 / int8) is timed end to
+Each raysys variant (fp32, and the CPU levers: bf16, dynamic int8 with
+per-channel or per-tensor scales, two single-thread actors) is timed end to
 end (prepare + Ray Data encode, Ray already up) and checked for quality: SciFact
 nDCG@10 with exact search must stay within 0.005 of fp32. Writes
 benchmarks/results/encode_throughput.json.
@@ -83,8 +84,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument(
         "--variants",
-        default="fp32,bf16,int8",
-        help="raysys variants to run (bf16 only pays off on CPUs with AVX512-BF16/AMX)",
+        default="fp32,fp32_2x1,int8,int8_2x1",
+        help="raysys variants to run, of fp32, fp32_2x1, bf16, int8, int8_per_tensor, "
+        "int8_2x1 (bf16 only pays off on CPUs with AVX512-BF16/AMX)",
     )
     args = ap.parse_args()
     import ray
@@ -92,7 +94,20 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     beir = BeirFolder(Path(args.data))
     cfg = load_config(None, OVERRIDES)
-    res: dict = {"setup": vars(args)}
+    import os
+
+    import torch
+
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    res: dict = {
+        "setup": {
+            **vars(args),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "avx512_bf16": "avx512_bf16" in flags,
+            "amx_bf16": "amx_bf16" in flags,
+        }
+    }
     out = Path(__file__).parent / "results" / "encode_throughput.json"
     out.parent.mkdir(exist_ok=True)
     secs, ids, vecs = st_encode(beir, args.batch_size)
@@ -101,7 +116,16 @@ def main() -> None:
         "nDCG@10": ndcg(beir, ids, vecs, cfg),
     }
     out.write_text(json.dumps(res, indent=2))  # partial results survive an interruption
-    variants = {"fp32": [], "bf16": ["encode.bf16=true"], "int8": ["encode.int8=true"]}
+    two_actors = ["encode.actors=2", "encode.torch_threads=1", "encode.cpus_per_actor=0.75"]
+    variants = {
+        "fp32": [],
+        "bf16": ["encode.bf16=true"],
+        "int8": ["encode.int8=true"],
+        "int8_per_tensor": ["encode.int8=true", "encode.int8_per_channel=false"],
+        # Two single-thread actors instead of one actor with every core.
+        "fp32_2x1": two_actors,
+        "int8_2x1": ["encode.int8=true", *two_actors],
+    }
     wanted = ["fp32"] + [v for v in args.variants.split(",") if v != "fp32"]
     for name, extra in ((f"raysys_{v}", variants[v]) for v in wanted):
         secs, ids, vecs = raysys_encode(beir, extra)

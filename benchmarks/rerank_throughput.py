@@ -86,7 +86,7 @@ def main() -> None:
         del scorer
 
         t0 = time.perf_counter()
-        out, _ = rerank_run(run, queries, corpus, model, rcfg)
+        out = rerank_run(run, queries, corpus, model, rcfg).run
         stage_s = time.perf_counter() - t0
     stage = [
         out[q][d]

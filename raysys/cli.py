@@ -172,15 +172,22 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
         raise ConfigError("reranker.path: give a reranker export (reranker.path=DIR)")
     corpus = Path(args.corpus)
     corpus = corpus / "corpus.jsonl" if corpus.is_dir() else corpus
-    run, report = rerank_run(
+    res = rerank_run(
         read_run(args.run),
         read_queries(args.queries),
         read_corpus(corpus, on_bad_line=cfg.data.on_bad_line),
         cfg.reranker.path,
         cfg.reranker,
     )
-    write_run(run, args.out, tag="raysys-rerank")
-    print(json.dumps({"queries": len(run), "out": args.out, **report.to_dict()}, indent=2))
+    write_run(res.run, args.out, tag="raysys-rerank")
+    written = {"out": args.out}
+    if res.reranker_only is not None:
+        # Interpolated: keep the reranker's own ranking too (weights can then
+        # be compared without scoring again).
+        alone = str(Path(args.out).with_suffix("")) + ".reranker_only.trec"
+        write_run(res.reranker_only, alone, tag="raysys-rerank")
+        written["reranker_only"] = alone
+    print(json.dumps({"queries": len(res.run), **written, **res.report.to_dict()}, indent=2))
     return 0
 
 

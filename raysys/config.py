@@ -77,6 +77,8 @@ class TrainConfig:
     # If > 0, overrides epochs.
     max_steps: int = 0
     lr: float = 2e-5
+    # Learning rate of a reranker's fresh score head (0: train.lr).
+    head_lr: float = 0.0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -116,9 +118,11 @@ class EncodeConfig:
     # Rows per forward pass inside an actor call.
     micro_batch: int = 32
     dtype: Literal["float32", "float16"] = "float32"
-    # Speed levers (CPU): bf16 autocast, dynamic int8 quantisation of Linear.
+    # Speed levers (CPU): bf16 autocast, dynamic int8 quantisation of Linear
+    # (per-channel weight scales: slower than per-tensor, much closer to fp32).
     bf16: bool = False
     int8: bool = False
+    int8_per_channel: bool = True
     # Encode only the first N corpus rows (0 = all); for smoke runs.
     max_docs: int = 0
 
@@ -192,6 +196,7 @@ class RerankerConfig:
     batch_size: int = 256
     micro_batch: int = 32
     int8: bool = False
+    int8_per_channel: bool = True
 
 
 @dataclass
@@ -382,6 +387,7 @@ def _validate(cfg: Config) -> None:
         (t.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3"),
         (t.temperature > 0, "train.temperature must be > 0"),
         (t.lr > 0, "train.lr must be > 0"),
+        (t.head_lr >= 0, "train.head_lr must be >= 0"),
         (0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
         (t.epochs > 0 or t.max_steps > 0, "train.epochs or train.max_steps must be > 0"),
         (cfg.model.lora.r >= 1, "model.lora.r must be >= 1"),

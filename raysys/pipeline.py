@@ -114,11 +114,12 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
             from raysys.search.rerank import rerank_run
 
             t0 = time.perf_counter()
-            final_run, rreport = rerank_run(
-                run, queries, beir.corpus(), str(reranker), cfg.reranker
-            )
+            res = rerank_run(run, queries, beir.corpus(), str(reranker), cfg.reranker)
+            final_run, rreport = res.run, res.report
             timings["rerank"] = time.perf_counter() - t0
             write_run(final_run, out / "run.rerank.trec", tag="raysys-rerank")
+            if res.reranker_only is not None:
+                write_run(res.reranker_only, out / "run.reranker_only.trec", tag="raysys-rerank")
             if rreport.counts:
                 notes.append(f"rerank: {rreport.summary()}")
         if "evaluate" in stages:

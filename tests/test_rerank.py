@@ -126,7 +126,8 @@ def test_rerank_stage_keeps_every_candidate(ray_local, tiny_reranker, toy_data):
     run["q_empty"] = {}
     queries = {f"q{q}": f"topic w{q}" for q in range(12)} | {"q_empty": "nothing"}
     rcfg = RerankerConfig(path=str(tiny_reranker), topk=10, batch_size=16, micro_batch=4)
-    out, report = rerank_run(run, queries, corpus, str(tiny_reranker), rcfg)
+    out, report, alone = rerank_run(run, queries, corpus, str(tiny_reranker), rcfg)
+    assert alone is None  # weight 1: the reranker alone is the final run
     assert report.counts["queries with no candidates"] == 1
     assert report.counts["candidates missing from the corpus (kept unscored)"] == 1
     # Every candidate exactly once (dicts cannot hold duplicates; sizes and sets match).
@@ -270,3 +271,29 @@ def test_mine_command_end_to_end(ray_local, tiny_bert_dir, toy_data, tmp_path):
     # The file reads back as training groups against the corpus.
     ts = read_groups(out, read_corpus(beir / "corpus.jsonl"))
     assert len(ts) == len(groups) and all(len(n) == 5 for n in ts.negatives)
+
+
+def test_head_lr_gives_the_score_head_its_own_scheduled_rate():
+    import torch
+    from torch import nn
+
+    from raysys.config import load_config
+    from raysys.train.engine import param_groups, warmup_linear
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 1)
+
+    t = load_config(None, ["train.lr=1e-4", "train.head_lr=1e-2", "train.warmup_ratio=0.5"]).train
+    groups = [g for g in param_groups(Toy(), t) if g["params"]]
+    head = [g for g in groups if g.get("lr") == 1e-2]
+    assert len(head) == 1 and sum(p.numel() for p in head[0]["params"]) == 5
+    assert sum(len(g["params"]) for g in groups) == 4
+    opt = torch.optim.AdamW(groups, lr=t.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(4, t.warmup_ratio))
+    assert sched.get_last_lr() == pytest.approx([0.5e-4, 0.5e-4, 0.5e-2])
+    # Without head_lr the head trains at train.lr with the body.
+    t0 = load_config(None, ["train.lr=1e-4"]).train
+    assert [len(g["params"]) for g in param_groups(Toy(), t0)] == [2, 2, 0]

@@ -146,7 +146,7 @@ class EncodeActor:
     def __init__(self, model_path: str, contract: dict[str, Any], opts: dict[str, Any]) -> None:
         import torch
 
-        from raysys.models.embedder import load_embedder
+        from raysys.models.embedder import load_embedder, quantize_int8
 
         threads = opts.get("torch_threads") or max(
             1, (os.cpu_count() or 1) // opts.get("actors", 1)
@@ -157,9 +157,7 @@ class EncodeActor:
             model_path, self.device, EncodingContract.from_dict(contract)
         )
         if opts.get("int8") and self.device == "cpu":
-            self.model = torch.ao.quantization.quantize_dynamic(
-                self.model, {torch.nn.Linear}, dtype=torch.qint8
-            )
+            self.model = quantize_int8(self.model, opts.get("int8_per_channel", True))
         self.bf16 = bool(opts.get("bf16"))
         self.micro = int(opts.get("micro_batch", 32))
         self.dtype = np.float16 if opts.get("dtype") == "float16" else np.float32
@@ -192,6 +190,7 @@ def _encode_opts(enc: Any) -> dict[str, Any]:
         "torch_threads": enc.torch_threads,
         "use_gpu": enc.use_gpu,
         "int8": enc.int8,
+        "int8_per_channel": enc.int8_per_channel,
         "bf16": enc.bf16,
         "micro_batch": enc.micro_batch,
         "dtype": enc.dtype,

@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from raysys.contract import ContractError, JsonContract
-from raysys.models.embedder import _base_model, load_tokenizer, pool, weights_fingerprint
+from raysys.models.embedder import (
+    _base_model,
+    load_tokenizer,
+    pool,
+    quantize_int8,
+    weights_fingerprint,
+)
 from raysys.models.hub import resolve_model
 
 RERANK_CONTRACT_FILE = "raysys_reranker.json"
@@ -144,13 +150,16 @@ class Scorer:
     """Scores (query, (title, text)) pairs in micro-batches, longest first."""
 
     def __init__(
-        self, path: str | Path, device: str = "cpu", micro_batch: int = 32, int8: bool = False
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        micro_batch: int = 32,
+        int8: bool = False,
+        int8_per_channel: bool = True,
     ) -> None:
         self.model, self.tokenizer = load_reranker(path, device)
         if int8 and device == "cpu":
-            self.model = torch.ao.quantization.quantize_dynamic(
-                self.model, {nn.Linear}, dtype=torch.qint8
-            )
+            self.model = quantize_int8(self.model, int8_per_channel)
         self.contract = self.model.contract
         self.device = device
         self.micro = micro_batch

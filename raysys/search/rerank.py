@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -105,7 +104,13 @@ class RerankActor:
         threads = opts.get("torch_threads") or max(1, (os.cpu_count() or 1) // opts["actors"])
         torch.set_num_threads(int(threads))
         device = "cuda" if opts.get("use_gpu") and torch.cuda.is_available() else "cpu"
-        self.scorer = Scorer(model_path, device, opts["micro_batch"], opts.get("int8", False))
+        self.scorer = Scorer(
+            model_path,
+            device,
+            opts["micro_batch"],
+            opts.get("int8", False),
+            opts.get("int8_per_channel", True),
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         scores = self.scorer.score_ids(batch.column("input_ids").to_pylist())
@@ -139,6 +144,7 @@ def score_pairs_ray(pairs: pa.Table, model_path: str, rcfg: Any) -> pa.Table:
                 "use_gpu": rcfg.use_gpu,
                 "micro_batch": rcfg.micro_batch,
                 "int8": rcfg.int8,
+                "int8_per_channel": rcfg.int8_per_channel,
             },
         },
         batch_size=rcfg.batch_size,
@@ -220,6 +226,14 @@ def _interpolate(
     return {d: weight * r[d] + (1.0 - weight) * f[d] for d in rerank}
 
 
+class Reranked(NamedTuple):
+    """The final run, what was skipped, and (with ``weight < 1``) the reranker-only run."""
+
+    run: Run
+    report: Report
+    reranker_only: Run | None
+
+
 def rerank_run(
     run: Run,
     queries: dict[str, str],
@@ -227,7 +241,7 @@ def rerank_run(
     model_path: str,
     rcfg: Any,
     report: Report | None = None,
-) -> tuple[Run, Report]:
+) -> Reranked:
     """Rerank ``run``'s top ``rcfg.topk`` per query; see the module docstring."""
     from raysys.models.hub import resolve_model
 
@@ -236,13 +250,10 @@ def rerank_run(
     pairs, tails = candidate_pairs(run, queries, corpus, rcfg.topk, report)
     log.info("reranking %d pairs for %d queries (top %d)", pairs.num_rows, len(tails), rcfg.topk)
     scored = score_pairs_ray(pairs, model_path, rcfg)
-    out = assemble_run(scored, pairs, tails, rcfg.keep_tail, first=run, weight=rcfg.weight)
+    alone = assemble_run(scored, pairs, tails, rcfg.keep_tail)
+    out = alone
+    if rcfg.weight < 1.0:
+        out = assemble_run(scored, pairs, tails, rcfg.keep_tail, first=run, weight=rcfg.weight)
     if report.counts:
         log.warning("rerank: %s", report.summary())
-    return out, report
-
-
-def write_report(report: Report, path: str | Path) -> None:
-    import json
-
-    Path(path).write_text(json.dumps(report.to_dict(), indent=2))
+    return Reranked(out, report, alone if out is not alone else None)

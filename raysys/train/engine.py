@@ -55,6 +55,29 @@ def warmup_linear(total_steps: int, warmup_ratio: float):
     return f
 
 
+def param_groups(model: nn.Module, train: Any) -> list[dict[str, Any]]:
+    """AdamW groups: decayed matrices, undecayed vectors, and the score head.
+
+    With ``train.head_lr > 0`` a reranker's freshly initialised ``head.*``
+    parameters get their own learning rate (it may learn faster than the
+    pretrained body); the schedule scales every group alike.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head_lr = getattr(train, "head_lr", 0.0)
+    is_head = [head_lr > 0 and n.startswith("head.") for n, _ in named]
+    body = [p for (_, p), h in zip(named, is_head, strict=True) if not h]
+    groups = [
+        {"params": [p for p in body if p.ndim >= 2], "weight_decay": train.weight_decay},
+        {"params": [p for p in body if p.ndim < 2], "weight_decay": 0.0},
+        {
+            "params": [p for (_, p), h in zip(named, is_head, strict=True) if h],
+            "weight_decay": 0.0,
+            "lr": head_lr,
+        },
+    ]
+    return groups
+
+
 def initialize(model: nn.Module, train: Any, ds_config: dict[str, Any], total_steps: int):
     """``deepspeed.initialize`` with a client AdamW (no compiled optimizer op) and schedule.
 
@@ -63,13 +86,7 @@ def initialize(model: nn.Module, train: Any, ds_config: dict[str, Any], total_st
     """
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = param_groups(model, train)
     # DeepSpeed drops empty groups, which would desynchronise the scheduler.
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -4,9 +4,9 @@ sentence-transformers `encode` on the same model, corpus and machine.
     .venv/bin/python benchmarks/encode_throughput.py --data ../shared/data/scifact
 
 Each raysys variant (fp32, and the CPU levers: bf16, dynamic int8 with
-per-channel or per-tensor scales, two single-thread actors) is timed end to
-end (prepare + Ray Data encode, Ray already up) and checked for quality: SciFact
-nDCG@10 with exact search must stay within 0.005 of fp32. Writes
+per-channel or per-tensor scales) is timed end to end (prepare + Ray Data
+encode, Ray already up) and checked for quality: SciFact nDCG@10 with exact
+search must stay within 0.005 of fp32. Writes
 benchmarks/results/encode_throughput.json.
 """
 
@@ -84,9 +84,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument(
         "--variants",
-        default="fp32,fp32_2x1,int8,int8_2x1",
-        help="raysys variants to run, of fp32, fp32_2x1, bf16, int8, int8_per_tensor, "
-        "int8_2x1 (bf16 only pays off on CPUs with AVX512-BF16/AMX)",
+        default="fp32,int8,int8_per_tensor",
+        help="raysys variants to run, of fp32, bf16, int8 (per-channel), int8_per_tensor "
+        "(bf16 only pays off on CPUs with AVX512-BF16/AMX)",
     )
     args = ap.parse_args()
     import ray
@@ -116,15 +116,11 @@ def main() -> None:
         "nDCG@10": ndcg(beir, ids, vecs, cfg),
     }
     out.write_text(json.dumps(res, indent=2))  # partial results survive an interruption
-    two_actors = ["encode.actors=2", "encode.torch_threads=1", "encode.cpus_per_actor=0.75"]
     variants = {
         "fp32": [],
         "bf16": ["encode.bf16=true"],
         "int8": ["encode.int8=true"],
         "int8_per_tensor": ["encode.int8=true", "encode.int8_per_channel=false"],
-        # Two single-thread actors instead of one actor with every core.
-        "fp32_2x1": two_actors,
-        "int8_2x1": ["encode.int8=true", *two_actors],
     }
     wanted = ["fp32"] + [v for v in args.variants.split(",") if v != "fp32"]
     for name, extra in ((f"raysys_{v}", variants[v]) for v in wanted):

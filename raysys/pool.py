@@ -8,21 +8,38 @@ and the actors share the work evenly.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 
 def pool_size(ray: Any, actors: int, use_gpu: bool, cpus_per_actor: float) -> tuple[int, float]:
-    """(actors, CPUs per actor) for this cluster; CPU pools leave room for tokenizing."""
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    """(actors, CPUs per actor) for this cluster; CPU pools leave room for tokenizing.
+
+    A CPU pool gets at most half the cluster's CPUs. On 2 CPUs, 2 actors x
+    0.75 CPU left the read/tokenize operators without Ray Data resource budget
+    and the run hung forever (seen with Ray 2.60); 1 actor x 1 CPU runs.
+    """
+    cpus = float(ray.cluster_resources().get("CPU", 1))
     if use_gpu:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         return actors or max(1, gpus), 1.0
+    per = min(cpus_per_actor, max(0.25, cpus / 2))
     n = actors or 1
-    if n * cpus_per_actor >= cpus:
-        # Leave CPU for the tokenize tasks, or the pipeline starves.
-        n = max(1, int((cpus - 0.5) // cpus_per_actor))
-    return n, min(cpus_per_actor, max(0.5, cpus - 0.5))
+    if n * per > cpus / 2:
+        fit = max(1, int((cpus / 2) // per))
+        log.warning(
+            "actor pool: %d actors x %.2f CPU would take more than half of the %g CPUs "
+            "(the tokenize stage would starve); using %d",
+            n,
+            per,
+            cpus,
+            fit,
+        )
+        n = fit
+    return n, per
 
 
 def tokenize_and_map(

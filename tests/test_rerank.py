@@ -209,6 +209,7 @@ def test_tiny_decoder_reranker_trains_under_zero3(ray_local, tiny_llama_dir, tmp
             "train.per_device_queries=4",
             "train.group_size=4",
             "train.lr=5e-3",
+            "train.head_lr=1e-2",  # a separate optimizer group under ZeRO-3
             "train.max_steps=30",
             "train.log_steps=5",
             "train.run_name=rerank-z3",
@@ -297,3 +298,24 @@ def test_head_lr_gives_the_score_head_its_own_scheduled_rate():
     # Without head_lr the head trains at train.lr with the body.
     t0 = load_config(None, ["train.lr=1e-4"]).train
     assert [len(g["params"]) for g in param_groups(Toy(), t0)] == [2, 2, 0]
+
+
+@pytest.mark.parametrize(
+    ("cpus", "actors", "per", "want"),
+    [
+        (2, 0, 1.0, (1, 1.0)),  # the default on 2 CPUs: runs
+        (2, 2, 0.75, (1, 0.75)),  # hung Ray Data 2.60 (tokenize starved): capped
+        (2, 1, 4.0, (1, 1.0)),
+        (16, 4, 2.0, (4, 2.0)),
+        (16, 8, 2.0, (4, 2.0)),
+    ],
+)
+def test_cpu_actor_pool_leaves_half_the_cluster_to_the_other_stages(cpus, actors, per, want):
+    from raysys.pool import pool_size
+
+    class FakeRay:
+        @staticmethod
+        def cluster_resources() -> dict[str, float]:
+            return {"CPU": float(cpus)}
+
+    assert pool_size(FakeRay, actors, False, per) == want

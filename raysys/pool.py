@@ -18,9 +18,12 @@ log = logging.getLogger(__name__)
 def pool_size(ray: Any, actors: int, use_gpu: bool, cpus_per_actor: float) -> tuple[int, float]:
     """(actors, CPUs per actor) for this cluster; CPU pools leave room for tokenizing.
 
-    A CPU pool gets at most half the cluster's CPUs. On 2 CPUs, 2 actors x
-    0.75 CPU left the read/tokenize operators without Ray Data resource budget
-    and the run hung forever (seen with Ray 2.60); 1 actor x 1 CPU runs.
+    A CPU pool gets at most half the cluster's CPUs. Ray Data reserves half
+    of the resources (``op_resource_reservation_ratio``) split across the
+    operators and hands the shared rest downstream first, so a pool that takes
+    more can leave the read/tokenize operators no budget: on 2 CPUs, 2 actors
+    x 0.75 CPU hung forever (Ray 2.60, ``backpressured:tasks(ResourceBudget)``);
+    1 actor x 1 CPU runs.
     """
     cpus = float(ray.cluster_resources().get("CPU", 1))
     if use_gpu:

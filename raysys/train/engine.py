@@ -63,7 +63,7 @@ def param_groups(model: nn.Module, train: Any) -> list[dict[str, Any]]:
     pretrained body); the schedule scales every group alike.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    head_lr = getattr(train, "head_lr", 0.0)
+    head_lr = train.head_lr
     is_head = [head_lr > 0 and n.startswith("head.") for n, _ in named]
     body = [p for (_, p), h in zip(named, is_head, strict=True) if not h]
     groups = [

@@ -15,6 +15,25 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def set_actor_threads(opts: dict[str, Any]) -> int:
+    """Set this actor's torch threads: ``torch_threads``, else node cores / actors.
+
+    Deliberately the node's cores, not the actor's Ray CPU share: the share is
+    a scheduling reservation that leaves the tokenize tasks room, and those
+    tasks are short and mostly idle, so an actor that reserves 1 of 2 CPUs
+    still uses both cores for its forward passes.
+    """
+    import os
+
+    import torch
+
+    threads = int(
+        opts.get("torch_threads") or max(1, (os.cpu_count() or 1) // opts.get("actors", 1))
+    )
+    torch.set_num_threads(threads)
+    return threads
+
+
 def pool_size(ray: Any, actors: int, use_gpu: bool, cpus_per_actor: float) -> tuple[int, float]:
     """(actors, CPUs per actor) for this cluster; CPU pools leave room for tokenizing.
 

@@ -319,3 +319,19 @@ def test_cpu_actor_pool_leaves_half_the_cluster_to_the_other_stages(cpus, actors
             return {"CPU": float(cpus)}
 
     assert pool_size(FakeRay, actors, False, per) == want
+
+
+def test_actor_threads_come_from_the_config_else_the_node_cores_per_actor(monkeypatch):
+    import torch
+
+    from raysys.pool import set_actor_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    try:
+        assert set_actor_threads({"torch_threads": 3, "actors": 2}) == 3
+        assert torch.get_num_threads() == 3
+        assert set_actor_threads({"torch_threads": 0, "actors": 2}) == 4
+        assert set_actor_threads({"actors": 16}) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from raysys.contract import ContractError, EncodingContract
 from raysys.data.readers import CORPUS_SCHEMA, Report, iter_corpus
 from raysys.index.manifest import read_manifest, write_json_atomic, write_manifest
-from raysys.pool import tokenize_and_map
+from raysys.pool import set_actor_threads, tokenize_and_map
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,7 @@ class EncodeActor:
 
         from raysys.models.embedder import load_embedder, quantize_int8
 
-        threads = opts.get("torch_threads") or max(
-            1, (os.cpu_count() or 1) // opts.get("actors", 1)
-        )
-        torch.set_num_threads(int(threads))
+        set_actor_threads(opts)
         self.device = "cuda" if opts.get("use_gpu") and torch.cuda.is_available() else "cpu"
         self.model, self.tok = load_embedder(
             model_path, self.device, EncodingContract.from_dict(contract)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysys.data.readers import Report
-from raysys.pool import tokenize_and_map
+from raysys.pool import set_actor_threads, tokenize_and_map
 from raysys.search.runfile import Run
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,12 @@ class RerankActor:
     """Ray Data actor: holds the reranker, scores tokenized pairs."""
 
     def __init__(self, model_path: str, opts: dict[str, Any]) -> None:
-        import os
 
         import torch
 
         from raysys.models.reranker import Scorer
 
-        threads = opts.get("torch_threads") or max(1, (os.cpu_count() or 1) // opts["actors"])
-        torch.set_num_threads(int(threads))
+        set_actor_threads(opts)
         device = "cuda" if opts.get("use_gpu") and torch.cuda.is_available() else "cpu"
         self.scorer = Scorer(
             model_path,

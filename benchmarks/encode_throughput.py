@@ -4,7 +4,8 @@ sentence-transformers `encode` on the same model, corpus and machine.
     .venv/bin/python benchmarks/encode_throughput.py --data ../shared/data/scifact
 
 Each raysys variant (fp32, and the CPU levers: bf16, dynamic int8 with
-per-channel or per-tensor scales) is timed end to end (prepare + Ray Data
+per-channel or per-tensor scales, optionally with the FFN down-projections
+left in fp32) is timed end to end (prepare + Ray Data
 encode, Ray already up) and checked for quality: SciFact nDCG@10 with exact
 search must stay within 0.005 of fp32. Writes
 benchmarks/results/encode_throughput.json.
@@ -84,8 +85,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument(
         "--variants",
-        default="fp32,int8,int8_per_tensor",
-        help="raysys variants to run, of fp32, bf16, int8 (per-channel), int8_per_tensor "
+        default="fp32,int8,int8_ffn_down_fp32",
+        help="raysys variants to run, of fp32, bf16, int8 (per-channel), int8_per_tensor, "
+        "int8_ffn_down_fp32 (per-tensor, FFN down-projections in fp32) "
         "(bf16 only pays off on CPUs with AVX512-BF16/AMX)",
     )
     args = ap.parse_args()
@@ -121,6 +123,11 @@ def main() -> None:
         "bf16": ["encode.bf16=true"],
         "int8": ["encode.int8=true"],
         "int8_per_tensor": ["encode.int8=true", "encode.int8_per_channel=false"],
+        "int8_ffn_down_fp32": [
+            "encode.int8=true",
+            "encode.int8_per_channel=false",
+            "encode.int8_ffn_down_fp32=true",
+        ],
     }
     wanted = ["fp32"] + [v for v in args.variants.split(",") if v != "fp32"]
     for name, extra in ((f"raysys_{v}", variants[v]) for v in wanted):

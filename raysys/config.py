@@ -119,10 +119,13 @@ class EncodeConfig:
     micro_batch: int = 32
     dtype: Literal["float32", "float16"] = "float32"
     # Speed levers (CPU): bf16 autocast, dynamic int8 quantisation of Linear
-    # (per-channel weight scales: slower than per-tensor, much closer to fp32).
+    # (per-channel weight scales: much closer to fp32 than per-tensor;
+    # int8_ffn_down_fp32 keeps the FFN down-projections, the main source of
+    # int8 drift, in fp32).
     bf16: bool = False
     int8: bool = False
     int8_per_channel: bool = True
+    int8_ffn_down_fp32: bool = False
     # Encode only the first N corpus rows (0 = all); for smoke runs.
     max_docs: int = 0
 
@@ -197,6 +200,7 @@ class RerankerConfig:
     micro_batch: int = 32
     int8: bool = False
     int8_per_channel: bool = True
+    int8_ffn_down_fp32: bool = False
 
 
 @dataclass

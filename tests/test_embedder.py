@@ -139,14 +139,25 @@ def test_gradient_checkpointing_same_gradients(tiny_llama_dir):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
-def test_int8_per_channel_stays_closer_to_fp32_than_per_tensor(scifact):
-    """Real MiniLM on real passages: the per-channel scheme (the default) keeps
-    embeddings near fp32; one scale per tensor drifts much further."""
+def test_ffn_down_projections_are_found_in_encoders_and_decoders(tiny_bert_dir, tiny_llama_dir):
+    from raysys.models.embedder import ffn_down_projections
+
+    bert = ffn_down_projections(build_backbone(str(tiny_bert_dir)))
+    assert bert and all(n.endswith(".output.dense") and "attention" not in n for n in bert)
+    llama = ffn_down_projections(build_backbone(str(tiny_llama_dir)))
+    assert llama and all(n.endswith("mlp.down_proj") for n in llama)
+    assert ffn_down_projections(torch.nn.Sequential(torch.nn.Linear(4, 4))) == set()
+
+
+def test_int8_schemes_drift_from_fp32_as_measured(scifact):
+    """Real MiniLM on real passages: per-channel scales (the default) and
+    per-tensor scales with the FFN down-projections in fp32 both keep
+    embeddings near fp32; plain per-tensor drifts much further."""
     import copy
     import itertools
     import json
 
-    from raysys.models.embedder import quantize_int8
+    from raysys.models.embedder import ffn_down_projections, quantize_int8
 
     contract = EncodingContract(pooling="mean", normalize=True, passage_max_len=256)
     model, tok = load_embedder("all-MiniLM-L6-v2", "cpu", contract)
@@ -155,13 +166,16 @@ def test_int8_per_channel_stays_closer_to_fp32_than_per_tensor(scifact):
     batch = contract.tokenize(
         tok, [contract.format_passage(d["text"], d["title"]) for d in docs], "passage"
     )
+    schemes = {"per_channel": (True, False), "per_tensor": (False, False), "ffn": (False, True)}
     cos = {}
     with torch.inference_mode():
         ref = model(batch["input_ids"], batch["attention_mask"])
-        for per_channel in (True, False):
-            q = quantize_int8(copy.deepcopy(model), per_channel)
-            assert any("quantized" in type(m).__module__ for m in q.modules())
+        for name, (per_channel, ffn_fp32) in schemes.items():
+            q = quantize_int8(copy.deepcopy(model), per_channel, ffn_fp32)
+            kept = {n for n, m in q.named_modules() if type(m) is torch.nn.Linear}
+            assert kept == (ffn_down_projections(model) if ffn_fp32 else set())
             out = q(batch["input_ids"], batch["attention_mask"])
-            cos[per_channel] = float((out * ref).sum(-1).mean())
-    assert cos[True] > 0.97
-    assert cos[True] > cos[False] + 0.02
+            cos[name] = float((out * ref).sum(-1).mean())
+    assert cos["per_channel"] > 0.97
+    assert cos["ffn"] > 0.98
+    assert min(cos["per_channel"], cos["ffn"]) > cos["per_tensor"] + 0.02

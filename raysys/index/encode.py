@@ -154,7 +154,11 @@ class EncodeActor:
             model_path, self.device, EncodingContract.from_dict(contract)
         )
         if opts.get("int8") and self.device == "cpu":
-            self.model = quantize_int8(self.model, opts.get("int8_per_channel", True))
+            self.model = quantize_int8(
+                self.model,
+                opts.get("int8_per_channel", True),
+                opts.get("int8_ffn_down_fp32", False),
+            )
         self.bf16 = bool(opts.get("bf16"))
         self.micro = int(opts.get("micro_batch", 32))
         self.dtype = np.float16 if opts.get("dtype") == "float16" else np.float32
@@ -188,6 +192,7 @@ def _encode_opts(enc: Any) -> dict[str, Any]:
         "use_gpu": enc.use_gpu,
         "int8": enc.int8,
         "int8_per_channel": enc.int8_per_channel,
+        "int8_ffn_down_fp32": enc.int8_ffn_down_fp32,
         "bf16": enc.bf16,
         "micro_batch": enc.micro_batch,
         "dtype": enc.dtype,

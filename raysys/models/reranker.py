@@ -156,10 +156,11 @@ class Scorer:
         micro_batch: int = 32,
         int8: bool = False,
         int8_per_channel: bool = True,
+        int8_ffn_down_fp32: bool = False,
     ) -> None:
         self.model, self.tokenizer = load_reranker(path, device)
         if int8 and device == "cpu":
-            self.model = quantize_int8(self.model, int8_per_channel)
+            self.model = quantize_int8(self.model, int8_per_channel, int8_ffn_down_fp32)
         self.contract = self.model.contract
         self.device = device
         self.micro = micro_batch

@@ -108,6 +108,7 @@ class RerankActor:
             opts["micro_batch"],
             opts.get("int8", False),
             opts.get("int8_per_channel", True),
+            opts.get("int8_ffn_down_fp32", False),
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -143,6 +144,7 @@ def score_pairs_ray(pairs: pa.Table, model_path: str, rcfg: Any) -> pa.Table:
                 "micro_batch": rcfg.micro_batch,
                 "int8": rcfg.int8,
                 "int8_per_channel": rcfg.int8_per_channel,
+                "int8_ffn_down_fp32": rcfg.int8_ffn_down_fp32,
             },
         },
         batch_size=rcfg.batch_size,

@@ -159,8 +159,9 @@ def quantize_int8(
     tensor. Most of the per-tensor drift comes from the FFN down-projections,
     whose post-GELU input has outlier channels; ``ffn_down_fp32`` leaves those
     in fp32. Mean cosine to fp32 on all-MiniLM-L6-v2, 320 SciFact passages:
-    per-tensor 0.924, per-channel 0.983, per-tensor with fp32 FFN-down 0.991;
-    all three ran at 1.2-1.3x fp32 on 2 AVX2 cores (see benchmarks/).
+    per-tensor 0.924, per-channel 0.983, per-tensor with fp32 FFN-down 0.991.
+    In-process on 2 AVX2 cores all three ran at about 1.27x fp32 (runs vary
+    by ~10%); end-to-end numbers are in benchmarks/results/.
     """
     from torch.ao import quantization as q
 

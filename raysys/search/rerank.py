@@ -95,7 +95,6 @@ class RerankActor:
     """Ray Data actor: holds the reranker, scores tokenized pairs."""
 
     def __init__(self, model_path: str, opts: dict[str, Any]) -> None:
-
         import torch
 
         from raysys.models.reranker import Scorer

@@ -120,13 +120,13 @@ def main() -> None:
     out.write_text(json.dumps(res, indent=2))  # partial results survive an interruption
     variants = {
         "fp32": [],
-        "bf16": ["encode.bf16=true"],
-        "int8": ["encode.int8=true"],
-        "int8_per_tensor": ["encode.int8=true", "encode.int8_per_channel=false"],
+        "bf16": ["encode.pool.bf16=true"],
+        "int8": ["encode.pool.int8=true"],
+        "int8_per_tensor": ["encode.pool.int8=true", "encode.pool.int8_per_channel=false"],
         "int8_ffn_down_fp32": [
-            "encode.int8=true",
-            "encode.int8_per_channel=false",
-            "encode.int8_ffn_down_fp32=true",
+            "encode.pool.int8=true",
+            "encode.pool.int8_per_channel=false",
+            "encode.pool.int8_ffn_down_fp32=true",
         ],
     }
     wanted = ["fp32"] + [v for v in args.variants.split(",") if v != "fp32"]

@@ -63,6 +63,7 @@ def write_shards(emb_dir: Path, n: int, shard: int, seed: int = 0) -> None:
 def one(n: int, shard: int, factory: str, ondisk: str) -> dict:
     import ray
 
+    from raysys.config import IndexConfig
     from raysys.index.build import build_index
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -72,7 +73,8 @@ def one(n: int, shard: int, factory: str, ondisk: str) -> dict:
         write_shards(emb, n, shard)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t0 = time.perf_counter()
-        m = build_index(emb, Path(tmp) / "index", factory, train_sample=40_000, ondisk=ondisk)
+        icfg = IndexConfig(factory=factory, train_sample=40_000, ondisk=ondisk)
+        m = build_index(emb, Path(tmp) / "index", icfg)
         secs = time.perf_counter() - t0
         driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ray.shutdown()

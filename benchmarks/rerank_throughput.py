@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raysys.config import RerankerConfig
+from raysys.config import PoolConfig, RerankerConfig
 from raysys.data.readers import BeirFolder, Report
 from raysys.search.rerank import candidate_pairs, rerank_run
 from raysys.search.runfile import read_run
@@ -32,7 +32,7 @@ from raysys.search.runfile import read_run
 def untrained_reranker(out: Path) -> Path:
     from transformers import AutoModel
 
-    from raysys.models.embedder import load_tokenizer
+    from raysys.models.backbone import load_tokenizer
     from raysys.models.hub import resolve_model
     from raysys.models.reranker import RerankContract, Reranker, export_reranker
 
@@ -66,14 +66,16 @@ def main() -> None:
     corpus = beir.corpus()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.reranker or str(untrained_reranker(Path(tmp) / "rr"))
-        rcfg = RerankerConfig(path=model, topk=args.topk, micro_batch=args.micro_batch)
+        rcfg = RerankerConfig(
+            path=model, topk=args.topk, pool=PoolConfig(micro_batch=args.micro_batch)
+        )
         pairs, _ = candidate_pairs(run, queries, corpus, args.topk, Report())
         n = pairs.num_rows
 
         from raysys.models.reranker import Scorer
 
         t0 = time.perf_counter()
-        scorer = Scorer(model, micro_batch=args.micro_batch)
+        scorer = Scorer(model, opts={"micro_batch": args.micro_batch})
         plain = scorer.score(
             pairs.column("query").to_pylist(),
             list(

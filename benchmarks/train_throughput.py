@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 
 from raysys.config import load_config
-from raysys.data.collator import RetrievalCollator
 from raysys.data.groups import load_training_set
 from raysys.losses import info_nce
-from raysys.models.embedder import Embedder, build_backbone, load_tokenizer
+from raysys.models.backbone import build_backbone, load_tokenizer
+from raysys.models.embedder import Embedder
 from raysys.models.hub import resolve_model
 from raysys.train.launch import run_training
 from raysys.train.loop import micro_batch_indices, plan_steps
+from raysys.train.tasks.retrieve import RetrievalCollator
 
 
 def overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
@@ -43,7 +44,7 @@ def overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
         f"train.per_device_queries={args.per_device}",
         f"train.group_size={args.group}",
         f"train.max_steps={args.steps}",
-        "train.num_workers=2",
+        "train.scaling.num_workers=2",
         "train.log_steps=1",
         *extra,
     ]
@@ -58,8 +59,8 @@ def plain_torch_loop(args: argparse.Namespace) -> dict[str, float]:
     tok = load_tokenizer(path)
     contract = cfg.encoding_contract()
     model = Embedder(build_backbone(path), contract).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    collate = RetrievalCollator(data, tok, contract, cfg.train.group_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.optim.lr)
+    collate = RetrievalCollator(data, tok, contract, cfg.train.group_size, cfg.train.seed)
     t = cfg.train
     micro_per_epoch, _ = plan_steps(len(data), t, 2)
     tokens, timed = 0, 0.0
@@ -69,13 +70,13 @@ def plain_torch_loop(args: argparse.Namespace) -> dict[str, float]:
             epoch, part = micro_batch_indices(len(data), t, step, micro_per_epoch, rank, 2)
             idx += part
         start = time.perf_counter()
-        batch = collate(idx, epoch, t.seed)
+        batch = collate(idx, epoch)
         q = model(batch.queries["input_ids"], batch.queries["attention_mask"])
         p = model(batch.passages["input_ids"], batch.passages["attention_mask"])
-        loss = info_nce(q, p, group_size=t.group_size, temperature=t.temperature, gather=False)
+        loss = info_nce(q, p, group_size=t.group_size, temperature=t.loss.temperature, gather=False)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.optim.max_grad_norm)
         opt.step()
         if step > 0:
             timed += time.perf_counter() - start
@@ -87,7 +88,14 @@ def raysys_run(args: argparse.Namespace, name: str, extra: list[str]) -> dict[st
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(
             None,
-            overrides(args, [f"train.run_name={name}", f"train.storage_path={tmp}/ray", *extra]),
+            overrides(
+                args,
+                [
+                    f"train.checkpoint.run_name={name}",
+                    f"train.checkpoint.storage_path={tmp}/ray",
+                    *extra,
+                ],
+            ),
         )
         outcome = run_training(cfg, Path(tmp) / "out")
     hist = outcome.history[1:]  # drop the warm-up step
@@ -118,7 +126,7 @@ def main() -> None:
     zero0 = raysys_run(args, "bench-z0", ["train.zero_stage=0"])
     zero2 = raysys_run(args, "bench-z2", ["train.zero_stage=2"])
     no_gather = raysys_run(
-        args, "bench-nogather", ["train.zero_stage=0", "train.gather_negatives=false"]
+        args, "bench-nogather", ["train.zero_stage=0", "train.loss.gather_negatives=false"]
     )
     res = {
         "setup": vars(args),

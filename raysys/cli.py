@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from raysys.config import ConfigError, load_config
-from raysys.contract import ContractError
-from raysys.data.readers import DataError
+from raysys.errors import UserError
 
 log = logging.getLogger("raysys")
 
@@ -23,11 +22,11 @@ def _config_path(args: argparse.Namespace) -> str | None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from raysys.train.launch import run_training
+    from raysys.stages import train_stage
 
     cfg = load_config(_config_path(args), args.overrides)
     out = Path(args.out or cfg.out or "runs/train")
-    outcome = run_training(cfg, out)
+    outcome = train_stage(cfg, out)
     last = outcome.history[-1] if outcome.history else {}
     print(
         json.dumps(
@@ -36,7 +35,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 "first_loss": outcome.history[0]["loss"] if outcome.history else None,
                 "last_loss": last.get("loss"),
                 "tokens_per_s": last.get("tokens_per_s"),
-                "skipped": outcome.skipped["skipped"],
+                "skipped": outcome.skipped,
                 "model": str(outcome.model_dir) if outcome.model_dir else None,
                 "checkpoint": outcome.checkpoint_path,
             },
@@ -56,20 +55,13 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from raysys.index.encode import encode_corpus
+    from raysys.stages import encode_stage
 
     cfg = load_config(_config_path(args), args.overrides)
     corpus = args.corpus or cfg.data.path
     if not corpus:
         raise ConfigError("give --corpus or data=PATH")
-    m = encode_corpus(
-        corpus,
-        args.out,
-        cfg.model.path,
-        cfg.encoding_contract(),
-        cfg.encode,
-        on_bad_line=cfg.data.on_bad_line,
-    )
+    m = encode_stage(cfg, corpus, Path(args.out), cfg.model.path, cfg.encoding_contract())
     print(
         json.dumps(
             {
@@ -85,52 +77,35 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from raysys.index.build import build_index
-    from raysys.index.encode import EMB_DIR
+    from raysys.stages import index_stage
 
     cfg = load_config(_config_path(args), args.overrides)
-    emb = Path(args.embeddings)
-    if (emb / EMB_DIR).is_dir():
-        emb = emb / EMB_DIR
-    m = build_index(
-        emb,
-        args.out,
-        cfg.index.factory,
-        train_sample=cfg.index.train_sample,
-        ondisk=cfg.index.ondisk,
-        seed=cfg.index.seed,
-    )
+    m = index_stage(cfg, args.embeddings, Path(args.out))
     print(json.dumps({k: m[k] for k in ("factory", "count", "dim", "nprobe", "ondisk")}, indent=2))
     return 0
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from raysys.data.readers import read_queries
-    from raysys.search.retrieve import Searcher
+    from raysys.search.retrieve import QueryEncoder
     from raysys.search.runfile import write_run
+    from raysys.stages import search_stage
 
     cfg = load_config(_config_path(args), args.overrides)
-    searcher = Searcher(args.index, cfg.model.path, cfg.encoding_contract())
-    queries = read_queries(args.queries)
-    qids = sorted(queries)
-    s = cfg.search
-    run = searcher.search(
-        qids,
-        searcher.encode([queries[q] for q in qids], s.batch_size),
-        topk=s.topk,
-        nprobe=s.nprobe,
-        drop_self_hits=s.drop_self_hits,
-    )
-    print(write_run(run, args.run))
+    queries = read_queries(args.queries, on_bad_line=cfg.data.on_bad_line)
+    encoder = QueryEncoder(cfg.model.path, cfg.encoding_contract())
+    result = search_stage(cfg, args.index, queries, encoder)
+    print(write_run(result.run, args.run))
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from raysys.data.readers import read_qrels
-    from raysys.eval import evaluate, write_metrics
+    from raysys.eval import write_metrics
     from raysys.search.runfile import read_run
+    from raysys.stages import evaluate_stage
 
-    metrics = evaluate(read_qrels(args.qrels), read_run(args.run))
+    metrics = evaluate_stage(read_qrels(args.qrels), read_run(args.run))
     if args.out:
         write_metrics(metrics, args.out)
     print(json.dumps(metrics, indent=2))
@@ -148,36 +123,38 @@ def _parse_ranks(text: str) -> tuple[int, int]:
 
 
 def _cmd_mine(args: argparse.Namespace) -> int:
-    from raysys.search.mine import MineSpec, mine
+    from raysys.search.mine import mine
 
-    cfg = load_config(_config_path(args), args.overrides)
-    lo, hi = _parse_ranks(args.ranks)
-    if args.n < 1:
-        raise ConfigError("--n must be >= 1")
-    if (args.reranker is None) != (args.margin is None):
-        raise ConfigError("the reranker filter needs both --reranker and --margin")
-    spec = MineSpec(rank_from=lo, rank_to=hi, n=args.n, seed=args.seed, margin=args.margin)
-    summary = mine(cfg, args.out, spec, index_dir=args.index, reranker=args.reranker)
+    flags = []
+    if args.ranks is not None:
+        lo, hi = _parse_ranks(args.ranks)
+        flags += [f"mine.rank_from={lo}", f"mine.rank_to={hi}"]
+    for name in ("n", "seed", "index", "reranker", "margin"):
+        value = getattr(args, name)
+        if value is not None:
+            flags.append(f"mine.{name}={value}")
+    # Flags win over the config file and over key=value overrides.
+    cfg = load_config(_config_path(args), [*args.overrides, *flags])
+    summary = mine(cfg, args.out)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _cmd_rerank(args: argparse.Namespace) -> int:
     from raysys.data.readers import read_corpus, read_queries
-    from raysys.search.rerank import rerank_run
     from raysys.search.runfile import read_run, write_run
+    from raysys.stages import corpus_path, rerank_stage
 
     cfg = load_config(_config_path(args), args.overrides)
     if not cfg.reranker.path:
         raise ConfigError("reranker.path: give a reranker export (reranker.path=DIR)")
-    corpus = Path(args.corpus)
-    corpus = corpus / "corpus.jsonl" if corpus.is_dir() else corpus
-    res = rerank_run(
+    bad = cfg.data.on_bad_line
+    res = rerank_stage(
+        cfg,
         read_run(args.run),
-        read_queries(args.queries),
-        read_corpus(corpus, on_bad_line=cfg.data.on_bad_line),
+        read_queries(args.queries, on_bad_line=bad),
+        read_corpus(corpus_path(args.corpus), on_bad_line=bad),
         cfg.reranker.path,
-        cfg.reranker,
     )
     write_run(res.run, args.out, tag="raysys-rerank")
     written = {"out": args.out}
@@ -211,7 +188,8 @@ def _config_verb(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raysys", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug-level logs")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
     sub = p.add_subparsers(dest="verb", required=True)
 
     t = _config_verb(
@@ -244,11 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_evaluate)
 
     mi = _config_verb(sub, "mine", "mine hard negatives into training groups", _cmd_mine)
-    mi.add_argument("--index", help="an index of the corpus (else: encode + exact index)")
+    mi.add_argument(
+        "--index", help="an index of the corpus (mine.index; else: encode + exact index)"
+    )
     mi.add_argument("--out", required=True, help="groups JSONL to write")
-    mi.add_argument("--ranks", default="10:100", help="rank range to sample from (from:to)")
-    mi.add_argument("--n", type=int, default=30, help="negatives per query")
-    mi.add_argument("--seed", type=int, default=42)
+    mi.add_argument(
+        "--ranks", help="rank range to sample from, from:to (mine.rank_from/rank_to; 10:100)"
+    )
+    mi.add_argument("--n", type=int, help="negatives per query (mine.n; 30)")
+    mi.add_argument("--seed", type=int, help="sampling seed (mine.seed; 42)")
     mi.add_argument("--reranker", help="reranker export for the false-negative filter")
     mi.add_argument(
         "--margin", type=float, help="drop candidates scored above (lowest positive - margin)"
@@ -276,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ContractError, DataError) as e:
-        print(f"raysys: error: {e}", file=sys.stderr)
+    except UserError as e:
+        if args.debug:
+            raise
+        # One line, whatever the message (contract diffs span several).
+        msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"raysys: error: {msg}", file=sys.stderr)
         return 2
 
 

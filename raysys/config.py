@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,10 +18,13 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from raysys.contract import ContractError, EncodingContract
+from raysys.contract import ContractError, EncodingContract, RerankContract
+from raysys.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config key or value is invalid; the message names the key."""
 
 
@@ -59,39 +63,46 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    enabled: bool = True
-    # What the train stage trains: the retriever (`model`) or the reranker
-    # (`reranker`, on 1 positive + group_size-1 hard negatives, no in-batch).
-    task: Literal["retrieve", "rerank"] = "retrieve"
-    # Reranker loss: grouped softmax cross-entropy (RankLLaMA) or pointwise BCE.
-    rerank_loss: Literal["grouped_ce", "bce"] = "grouped_ce"
+class ScalingConfig:
+    """Ray Train workers (Ray's ``ScalingConfig``)."""
+
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    # Queries per worker per micro-step; each query brings group_size passages.
-    per_device_queries: int = 8
-    group_size: int = 8
-    grad_accum: int = 1
-    epochs: float = 1.0
-    # If > 0, overrides epochs.
-    max_steps: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule (linear warm-up, then linear decay)."""
+
     lr: float = 2e-5
-    # Learning rate of a reranker's fresh score head (0: train.lr).
+    # Learning rate of a reranker's fresh score head (0: optim.lr).
     head_lr: float = 0.0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    """Negatives and the loss (each task reads the keys it uses)."""
+
     temperature: float = 0.05
+    # Retriever: passages of the other queries in the global batch are
+    # negatives (in_batch), gathered from every worker (gather_negatives);
+    # known positives of a query are masked out of its softmax.
     gather_negatives: bool = True
     in_batch_negatives: bool = True
     mask_false_negatives: bool = True
-    zero_stage: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"
-    gradient_checkpointing: bool = False
-    seed: int = 42
+    # Reranker: grouped softmax cross-entropy (RankLLaMA) or pointwise BCE.
+    rerank_loss: Literal["grouped_ce", "bce"] = "grouped_ce"
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints, resume and failures (Ray's ``RunConfig``/``FailureConfig``)."""
+
     save_steps: int = 0
-    log_steps: int = 1
     # Stop cleanly after this step (with a checkpoint) although the schedule
     # plans for the whole run: for time-sliced or preemptible allocations.
     stop_after: int = 0
@@ -104,10 +115,35 @@ class TrainConfig:
 
 
 @dataclass
-class EncodeConfig:
-    # Rows per embedding shard: the unit of resume and of parallel index adds.
-    shard_size: int = 20000
-    # Encoder actors (0 = one per GPU when GPUs are used, else 1).
+class TrainConfig:
+    enabled: bool = True
+    # The training task (raysys.train.tasks): `retrieve` (bi-encoder, InfoNCE),
+    # `rerank` (cross-encoder on reranker.*), or `package.module:Class` for a
+    # task of your own.
+    task: str = "retrieve"
+    # Queries per worker per micro-step; each query brings group_size passages.
+    per_device_queries: int = 8
+    group_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    # If > 0, overrides epochs.
+    max_steps: int = 0
+    zero_stage: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    log_steps: int = 1
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass
+class PoolConfig:
+    """A Ray Data actor pool that runs a model (encode and rerank)."""
+
+    # Actors (0 = one per GPU when GPUs are used, else 1).
     actors: int = 0
     use_gpu: bool = False
     cpus_per_actor: float = 1.0
@@ -117,7 +153,6 @@ class EncodeConfig:
     batch_size: int = 256
     # Rows per forward pass inside an actor call.
     micro_batch: int = 32
-    dtype: Literal["float32", "float16"] = "float32"
     # Speed levers (CPU): bf16 autocast, dynamic int8 quantisation of Linear
     # (per-channel weight scales: much closer to fp32 than per-tensor;
     # int8_ffn_down_fp32 keeps the FFN down-projections, the main source of
@@ -126,8 +161,16 @@ class EncodeConfig:
     int8: bool = False
     int8_per_channel: bool = True
     int8_ffn_down_fp32: bool = False
+
+
+@dataclass
+class EncodeConfig:
+    # Rows per embedding shard: the unit of resume and of parallel index adds.
+    shard_size: int = 20000
+    dtype: Literal["float32", "float16"] = "float32"
     # Encode only the first N corpus rows (0 = all); for smoke runs.
     max_docs: int = 0
+    pool: PoolConfig = field(default_factory=PoolConfig)
 
 
 @dataclass
@@ -161,6 +204,26 @@ class SearchConfig:
 
 
 @dataclass
+class MineConfig:
+    """Hard-negative mining (``raysys mine``; its flags override these)."""
+
+    # Rank range to sample from (0-based, counted after dropping positives).
+    rank_from: int = 10
+    rank_to: int = 100
+    # Negatives per query, drawn with a per-query seed.
+    n: int = 30
+    seed: int = 42
+    # An existing index of the corpus; else the corpus is encoded and indexed
+    # with `factory` under <out>.work/.
+    index: str | None = None
+    factory: str = "Flat"
+    # False-negative filter: drop candidates the reranker scores at or above
+    # (the query's lowest positive - margin). Both or neither.
+    reranker: str | None = None
+    margin: float | None = None
+
+
+@dataclass
 class ModelConfig:
     # A local folder, a raysys export, or an alias (see raysys.models.hub).
     path: str = "all-MiniLM-L6-v2"
@@ -169,6 +232,26 @@ class ModelConfig:
     random_init: bool = False
     # Keep the adapter separate from its base on export instead of merging.
     export_adapter: bool = False
+
+
+@dataclass
+class ContractConfig:
+    """The settable part of :class:`raysys.contract.EncodingContract`."""
+
+    # Filled from model.path when empty.
+    model: str = ""
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    # Fills an {instruction} slot in query_prefix (E5-mistral).
+    instruction: str = ""
+    pooling: Literal["cls", "mean", "last"] = "mean"
+    append_eos: bool = False
+    query_max_len: int = 64
+    passage_max_len: int = 256
+    normalize: bool = True
+    bidirectional: bool = False
+    use_title: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -193,36 +276,28 @@ class RerankerConfig:
     # Final score = weight * reranker + (1 - weight) * first stage, each
     # min-max normalised per query over the top-k (1.0: the reranker alone).
     weight: float = 1.0
-    actors: int = 0
-    use_gpu: bool = False
-    cpus_per_actor: float = 1.0
-    batch_size: int = 256
-    micro_batch: int = 32
-    int8: bool = False
-    int8_per_channel: bool = True
-    int8_ffn_down_fp32: bool = False
+    pool: PoolConfig = field(default_factory=PoolConfig)
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
-    # The encoding contract; `model` is filled from model.path when empty.
-    contract: dict[str, Any] = field(default_factory=dict)
+    # The encoding contract of model.path (a raysys export carries its own).
+    contract: ContractConfig = field(default_factory=ContractConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
     # Pipeline stages to run, in order (any prefix of the full list).
     stages: list[str] = field(
         default_factory=lambda: ["train", "encode", "index", "search", "evaluate"]
     )
     out: str | None = None
 
-    def rerank_contract(self) -> Any:
-        from raysys.models.reranker import RerankContract
-
+    def rerank_contract(self) -> RerankContract:
         r = self.reranker
         try:
             return RerankContract(
@@ -236,8 +311,8 @@ class Config:
             raise ConfigError(f"invalid reranker settings: {e}") from e
 
     def encoding_contract(self) -> EncodingContract:
-        d = dict(self.contract)
-        d.setdefault("model", self.model.path)
+        d = dataclasses.asdict(self.contract)
+        d["model"] = d["model"] or self.model.path
         try:
             return EncodingContract.from_dict(d)
         except (ContractError, TypeError) as e:
@@ -246,6 +321,51 @@ class Config:
 
 STAGES = ("train", "encode", "index", "search", "rerank", "evaluate")
 ALIASES = {"model": "model.path", "data": "data.path", "split": "data.split"}
+
+# Keys that moved when sections were grouped: old dotted key -> new one. An
+# old key still works (with a warning); setting both is refused.
+_POOL_KEYS = (
+    "actors",
+    "use_gpu",
+    "cpus_per_actor",
+    "torch_threads",
+    "batch_size",
+    "micro_batch",
+    "bf16",
+    "int8",
+    "int8_per_channel",
+    "int8_ffn_down_fp32",
+)
+MOVED: dict[str, str] = {
+    **{f"train.{k}": f"train.scaling.{k}" for k in ("num_workers", "use_gpu", "cpus_per_worker")},
+    **{
+        f"train.{k}": f"train.optim.{k}"
+        for k in ("lr", "head_lr", "weight_decay", "warmup_ratio", "max_grad_norm")
+    },
+    **{
+        f"train.{k}": f"train.loss.{k}"
+        for k in (
+            "temperature",
+            "gather_negatives",
+            "in_batch_negatives",
+            "mask_false_negatives",
+            "rerank_loss",
+        )
+    },
+    **{
+        f"train.{k}": f"train.checkpoint.{k}"
+        for k in (
+            "save_steps",
+            "stop_after",
+            "resume_from",
+            "run_name",
+            "storage_path",
+            "max_failures",
+        )
+    },
+    **{f"encode.{k}": f"encode.pool.{k}" for k in _POOL_KEYS},
+    **{f"reranker.{k}": f"reranker.pool.{k}" for k in _POOL_KEYS},
+}
 
 
 def _is_dataclass_type(t: Any) -> bool:
@@ -321,11 +441,48 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in hints:
-            close = difflib.get_close_matches(str(k), names, n=1)
-            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            # Suggest a close key of this section, or where a close old key moved.
+            moved = {
+                old.rsplit(".", 1)[1]: new
+                for old, new in MOVED.items()
+                if old.rsplit(".", 1)[0] == prefix
+            }
+            close = difflib.get_close_matches(str(k), names + list(moved), n=1)
+            hint = ""
+            if close:
+                target = moved.get(close[0]) or (f"{prefix}.{close[0]}" if prefix else close[0])
+                hint = f" (did you mean '{target}'?)"
             raise ConfigError(f"unknown config key '{key}'{hint}")
         kwargs[k] = _coerce(key, v, hints[k])
     return cls(**kwargs)
+
+
+def _migrate(tree: dict[str, Any], origin: str) -> None:
+    """Move keys of the old flat layout to their new sections, in place."""
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        node = tree.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        value = node.pop(key)
+        if _get_dotted(tree, new) is not None:
+            raise ConfigError(f"{origin}: '{old}' and '{new}' are both set; keep only '{new}'")
+        log.warning("%s: config key '%s' is now '%s'", origin, old, new)
+        _set_dotted(tree, new, value)
+
+
+def _get_dotted(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for p in dotted.split("."):
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a :class:`Config` from :func:`to_dict`'s output (workers, actors)."""
+    return _build(Config, data)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -373,8 +530,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for short, long in ALIASES.items():
             if short in tree and not isinstance(tree[short], dict):
                 _set_dotted(tree, long, tree.pop(short))
+        _migrate(tree, str(p))
     for item in overrides or []:
         key, value = parse_override(item)
+        if key in MOVED:
+            log.warning("override '%s' is now '%s'", key, MOVED[key])
+            key = MOVED[key]
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree)
     _validate(cfg)
@@ -384,39 +545,47 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def _validate(cfg: Config) -> None:
     t = cfg.train
     checks = [
-        (t.num_workers >= 1, "train.num_workers must be >= 1"),
+        (t.scaling.num_workers >= 1, "train.scaling.num_workers must be >= 1"),
         (t.per_device_queries >= 1, "train.per_device_queries must be >= 1"),
         (t.group_size >= 1, "train.group_size must be >= 1 (1 positive + n negatives)"),
         (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
         (t.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3"),
-        (t.temperature > 0, "train.temperature must be > 0"),
-        (t.lr > 0, "train.lr must be > 0"),
-        (t.head_lr >= 0, "train.head_lr must be >= 0"),
-        (0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+        (t.loss.temperature > 0, "train.loss.temperature must be > 0"),
+        (t.optim.lr > 0, "train.optim.lr must be > 0"),
+        (t.optim.head_lr >= 0, "train.optim.head_lr must be >= 0"),
+        (0 <= t.optim.warmup_ratio < 1, "train.optim.warmup_ratio must be in [0, 1)"),
         (t.epochs > 0 or t.max_steps > 0, "train.epochs or train.max_steps must be > 0"),
         (cfg.model.lora.r >= 1, "model.lora.r must be >= 1"),
         (0 <= cfg.model.lora.dropout < 1, "model.lora.dropout must be in [0, 1)"),
         (cfg.data.sampled_negatives >= 0, "data.sampled_negatives must be >= 0"),
         (cfg.encode.shard_size >= 1, "encode.shard_size must be >= 1"),
-        (cfg.encode.batch_size >= 1, "encode.batch_size must be >= 1"),
-        (cfg.encode.micro_batch >= 1, "encode.micro_batch must be >= 1"),
+        (cfg.encode.pool.batch_size >= 1, "encode.pool.batch_size must be >= 1"),
+        (cfg.encode.pool.micro_batch >= 1, "encode.pool.micro_batch must be >= 1"),
+        (cfg.reranker.pool.batch_size >= 1, "reranker.pool.batch_size must be >= 1"),
+        (cfg.reranker.pool.micro_batch >= 1, "reranker.pool.micro_batch must be >= 1"),
+        (0 <= cfg.mine.rank_from < cfg.mine.rank_to, "mine: need 0 <= rank_from < rank_to"),
+        (cfg.mine.n >= 1, "mine.n must be >= 1"),
+        (
+            (cfg.mine.reranker is None) == (cfg.mine.margin is None),
+            "mine: the reranker filter needs both mine.reranker and mine.margin",
+        ),
         (cfg.search.topk >= 1, "search.topk must be >= 1"),
         (cfg.search.nprobe >= 0, "search.nprobe must be >= 0"),
         (cfg.reranker.topk >= 1, "reranker.topk must be >= 1"),
         (0.0 <= cfg.reranker.weight <= 1.0, "reranker.weight must be in [0, 1]"),
-        (
-            t.task != "rerank" or t.group_size >= 2,
-            "train.group_size must be >= 2 for train.task=rerank (1 positive + negatives)",
-        ),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    if t.enabled and "train" in cfg.stages:
+        from raysys.train.tasks import get_task
+
+        get_task(t.task).validate(cfg)
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
     cfg.encoding_contract()
-    if t.task == "rerank" or "rerank" in cfg.stages:
+    if "rerank" in cfg.stages:
         if not cfg.reranker.path:
             raise ConfigError(
                 "reranker.path: set a base model (train.task=rerank) or a reranker export"

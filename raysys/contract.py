@@ -1,9 +1,13 @@
-"""The encoding contract: every setting that decides what an embedding means.
+"""Contracts: every setting that decides what a model's output means.
 
-A contract is saved as JSON beside every exported model and every index, and
-the encoding code (training collator, corpus encoder, query encoder) reads its
-settings from here and nowhere else. Searching an index with a model whose
-contract differs is refused (:func:`check_compatible`).
+- :class:`EncodingContract`: how texts become vectors (prefixes, pooling,
+  lengths, normalisation, ...), saved beside every exported model and every
+  index. Searching an index with a model whose contract differs is refused
+  (:func:`check_compatible`).
+- :class:`RerankContract`: how a (query, passage) pair becomes a score.
+
+Both share one JSON persistence base and one truncation rule
+(:func:`truncated_ids`): with ``append_eos`` the last token is always EOS.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
+
+from raysys.errors import UserError
 
 CONTRACT_FILE = "raysys_contract.json"
 Pooling = Literal["cls", "mean", "last"]
@@ -33,8 +39,28 @@ _SPACE_FIELDS = (
 )
 
 
-class ContractError(ValueError):
+class ContractError(UserError):
     """Raised when a contract is invalid or two contracts disagree."""
+
+
+def truncated_ids(
+    tokenizer: Any, texts: list[str], max_len: int, append_eos: bool, label: str
+) -> list[list[int]]:
+    """Unpadded token ids of ``texts``, at most ``max_len`` tokens each.
+
+    With ``append_eos`` a text is cut to ``max_len - 1`` tokens and the
+    tokenizer's EOS id appended (RepLLaMA, RankLLaMA), so the last token is
+    EOS whatever the truncation. Pathological (megabyte) texts are cut before
+    tokenizing: no tokenizer needs more than 64 characters per kept token.
+    """
+    texts = [t[: max_len * 64] for t in texts]
+    if append_eos:
+        if tokenizer.eos_token_id is None:
+            raise ContractError(f"{label}.append_eos is set but the tokenizer has no EOS token")
+        enc = tokenizer(texts, truncation=True, max_length=max_len - 1, return_attention_mask=False)
+        return [list(x) + [tokenizer.eos_token_id] for x in enc["input_ids"]]
+    enc = tokenizer(texts, truncation=True, max_length=max_len, return_attention_mask=False)
+    return [list(x) for x in enc["input_ids"]]
 
 
 _C = TypeVar("_C", bound="JsonContract")
@@ -145,19 +171,7 @@ class EncodingContract(JsonContract):
         the tokenizer's EOS id is appended (RepLLaMA), so the last real token is
         always EOS whatever the truncation.
         """
-        max_len = self.max_len(kind)
-        # Cut pathological (megabyte) texts before tokenizing: no tokenizer
-        # needs more than 64 characters per kept token.
-        texts = [t[: max_len * 64] for t in texts]
-        if self.append_eos:
-            if tokenizer.eos_token_id is None:
-                raise ContractError("contract.append_eos is set but the tokenizer has no EOS token")
-            enc = tokenizer(
-                texts, truncation=True, max_length=max_len - 1, return_attention_mask=False
-            )
-            return [list(x) + [tokenizer.eos_token_id] for x in enc["input_ids"]]
-        enc = tokenizer(texts, truncation=True, max_length=max_len, return_attention_mask=False)
-        return [list(x) for x in enc["input_ids"]]
+        return truncated_ids(tokenizer, texts, self.max_len(kind), self.append_eos, "contract")
 
     @staticmethod
     def pad(tokenizer: Any, ids: list[list[int]]) -> dict[str, Any]:
@@ -167,6 +181,53 @@ class EncodingContract(JsonContract):
     def tokenize(self, tokenizer: Any, texts: list[str], kind: Kind) -> dict[str, Any]:
         """Tokenize already-formatted texts under this contract; returns padded tensors."""
         return self.pad(tokenizer, self.token_ids(tokenizer, texts, kind))
+
+
+@dataclass
+class RerankContract(JsonContract):
+    """How a (query, passage) pair becomes a score."""
+
+    FILE: ClassVar[str] = "raysys_reranker.json"
+    LABEL: ClassVar[str] = "reranker contract"
+
+    model: str = ""
+    template: str = "query: {query} document: {document}"
+    pooling: str = "cls"
+    append_eos: bool = False
+    max_len: int = 256
+    query_max_chars: int = 2000
+    fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("cls", "mean", "last"):
+            raise ContractError(f"reranker pooling must be cls, mean or last, not {self.pooling!r}")
+        if not isinstance(self.max_len, int) or self.max_len < 8:
+            raise ContractError(f"reranker max_len must be an integer >= 8, not {self.max_len!r}")
+        if "{query}" not in self.template:
+            raise ContractError("reranker template needs a {query} slot")
+        if not any(s in self.template for s in ("{document}", "{text}")):
+            raise ContractError("reranker template needs a {document} or {text} slot")
+
+    def format_pair(self, query: str, title: str | None, text: str) -> str:
+        title = title or ""
+        document = f"{title} {text}" if title and text else (title or text)
+        return (
+            self.template.replace("{query}", query[: self.query_max_chars])
+            .replace("{document}", document)
+            .replace("{title}", title)
+            .replace("{text}", text)
+        )
+
+    def token_ids(self, tokenizer: Any, pairs: list[str]) -> list[list[int]]:
+        """Unpadded ids; the end of the passage is cut, EOS kept last when asked."""
+        return truncated_ids(tokenizer, pairs, self.max_len, self.append_eos, "reranker")
+
+    @classmethod
+    def missing_message(cls, path: Path) -> str:
+        return (
+            f"{path.parent} is not a raysys reranker export (no {cls.FILE}); "
+            "train one with `raysys train CONFIG train.task=rerank`"
+        )
 
 
 def check_compatible(index_contract: EncodingContract, query_contract: EncodingContract) -> None:

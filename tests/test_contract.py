@@ -40,7 +40,7 @@ def test_mismatch_is_refused():
 
 
 def test_append_eos_survives_truncation(tiny_llama_dir):
-    from raysys.models.embedder import load_tokenizer
+    from raysys.models.backbone import load_tokenizer
 
     tok = load_tokenizer(str(tiny_llama_dir))
     c = EncodingContract(append_eos=True, query_max_len=4, pooling="last")

@@ -3,15 +3,9 @@ import torch
 
 from raysys.config import LoraConfig
 from raysys.contract import EncodingContract
-from raysys.models.embedder import (
-    BIDIRECTIONAL_ARCHS,
-    Embedder,
-    build_backbone,
-    export_embedder,
-    load_embedder,
-    load_tokenizer,
-    pool,
-)
+from raysys.models.backbone import BIDIRECTIONAL_ARCHS, build_backbone, load_tokenizer
+from raysys.models.embedder import Embedder, export_embedder, load_embedder
+from raysys.models.pooling import pool
 from tests.helpers import tiny_llama
 
 TEXTS = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10"]
@@ -140,7 +134,7 @@ def test_gradient_checkpointing_same_gradients(tiny_llama_dir):
 
 
 def test_ffn_down_projections_are_found_in_encoders_and_decoders(tiny_bert_dir, tiny_llama_dir):
-    from raysys.models.embedder import ffn_down_projections
+    from raysys.models.quantize import ffn_down_projections
 
     bert = ffn_down_projections(build_backbone(str(tiny_bert_dir)))
     assert bert and all(n.endswith(".output.dense") and "attention" not in n for n in bert)
@@ -157,7 +151,7 @@ def test_int8_schemes_drift_from_fp32_as_measured(scifact):
     import itertools
     import json
 
-    from raysys.models.embedder import ffn_down_projections, quantize_int8
+    from raysys.models.quantize import ffn_down_projections, quantize_int8
 
     contract = EncodingContract(pooling="mean", normalize=True, passage_max_len=256)
     model, tok = load_embedder("all-MiniLM-L6-v2", "cpu", contract)

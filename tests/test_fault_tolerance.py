@@ -54,10 +54,10 @@ def test_killed_worker_resumes_from_checkpoint(
             "train.group_size=4",
             "train.zero_stage=2",
             "train.max_steps=16",
-            "train.save_steps=4",
-            "train.max_failures=2",
-            "train.run_name=killed",
-            f"train.storage_path=file://{storage}",
+            "train.checkpoint.save_steps=4",
+            "train.checkpoint.max_failures=2",
+            "train.checkpoint.run_name=killed",
+            f"train.checkpoint.storage_path=file://{storage}",
         ],
     )
     result: dict = {}

@@ -30,7 +30,8 @@ def _worker(config):
 
     from raysys.contract import EncodingContract
     from raysys.losses import info_nce
-    from raysys.models.embedder import Embedder, build_backbone, load_tokenizer
+    from raysys.models.backbone import build_backbone, load_tokenizer
+    from raysys.models.embedder import Embedder
 
     rank, world = train.get_context().get_world_rank(), train.get_context().get_world_size()
     path, mask = config["model"], config["mask"]

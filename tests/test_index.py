@@ -13,12 +13,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raysys.config import load_config
+from raysys.config import IndexConfig, load_config
 from raysys.contract import ContractError, EncodingContract
 from raysys.data.readers import DataError
 from raysys.index.build import build_index, load_index
 from raysys.index.encode import EMB_DIR, encode_corpus, prepare_corpus, read_embeddings
-from raysys.search.retrieve import Searcher
+from raysys.search.retrieve import QueryEncoder, Searcher
 
 N_DOCS = 300
 
@@ -40,7 +40,7 @@ def _cfg(model, *extra):
             "contract.pooling=mean",
             "contract.passage_max_len=32",
             "encode.shard_size=64",
-            "encode.batch_size=32",
+            "encode.pool.batch_size=32",
             *extra,
         ],
     )
@@ -69,7 +69,7 @@ def test_every_id_once(encoded):
 def test_sharded_add_and_merge_equals_single_build(encoded):
     tmp, manifest = encoded
     emb = tmp / "out" / EMB_DIR
-    m = build_index(emb, tmp / "ivf", "IVF8,PQ8x4", seed=0)
+    m = build_index(emb, tmp / "ivf", IndexConfig(factory="IVF8,PQ8x4", seed=0))
     sharded, ids, _ = load_index(tmp / "ivf")
     assert sharded.ntotal == N_DOCS and m["count"] == N_DOCS
     # Single process: the same trained index, all vectors added at once.
@@ -89,15 +89,14 @@ def test_sharded_add_and_merge_equals_single_build(encoded):
 
 def test_flat_search_finds_itself(encoded, tiny_bert_dir):
     tmp, _ = encoded
-    build_index(tmp / "out" / EMB_DIR, tmp / "flat", "Flat")
+    build_index(tmp / "out" / EMB_DIR, tmp / "flat", IndexConfig(factory="Flat"))
     cfg = _cfg(tiny_bert_dir)
-    s = Searcher(tmp / "flat", cfg.model.path, cfg.encoding_contract())
+    s = Searcher(tmp / "flat", QueryEncoder(cfg.model.path, cfg.encoding_contract()))
     _, ids, _ = load_index(tmp / "flat")
     # Passage texts as queries under the passage format: each finds itself first.
     table = pq.read_table(tmp / "out" / "corpus" / "part-00000.parquet")
-    vecs = s.model.encode_texts(
-        s.tokenizer, table.column("text").to_pylist()[:20], "passage"
-    ).numpy()
+    model, tok = s.encoder.get()
+    vecs = model.encode_texts(tok, table.column("text").to_pylist()[:20], "passage").numpy()
     run = s.search([f"q{k}" for k in range(20)], vecs, topk=5)
     for k, doc in enumerate(table.column("id").to_pylist()[:20]):
         assert max(run[f"q{k}"], key=run[f"q{k}"].get) == doc
@@ -106,15 +105,15 @@ def test_flat_search_finds_itself(encoded, tiny_bert_dir):
 def test_contract_mismatch_is_refused(encoded, tiny_bert_dir):
     tmp, _ = encoded
     if not (tmp / "flat").is_dir():
-        build_index(tmp / "out" / EMB_DIR, tmp / "flat", "Flat")
+        build_index(tmp / "out" / EMB_DIR, tmp / "flat", IndexConfig(factory="Flat"))
     cfg = _cfg(tiny_bert_dir, "contract.pooling=cls")
     with pytest.raises(ContractError, match="pooling: index has 'mean', query encoder has 'cls'"):
-        Searcher(tmp / "flat", cfg.model.path, cfg.encoding_contract())
+        Searcher(tmp / "flat", QueryEncoder(cfg.model.path, cfg.encoding_contract()))
     other = EncodingContract.from_dict(
         {**_cfg(tiny_bert_dir).encoding_contract().to_dict(), "query_prefix": "q: "}
     )
     with pytest.raises(ContractError, match="query_prefix"):
-        Searcher(tmp / "flat", cfg.model.path, other)
+        Searcher(tmp / "flat", QueryEncoder(cfg.model.path, other))
 
 
 def test_malformed_corpus_line_is_reported(tmp_path):
@@ -142,8 +141,8 @@ def test_killed_encode_resumes_without_duplicates(tiny_bert_dir, tmp_path):
         "contract.pooling=mean",
         "contract.passage_max_len=32",
         "encode.shard_size=100",
-        "encode.batch_size=20",
-        "encode.torch_threads=1",
+        "encode.pool.batch_size=20",
+        "encode.pool.torch_threads=1",
         f"--corpus={corpus}",
         f"--out={out}",
     ]
@@ -173,7 +172,7 @@ def test_killed_encode_resumes_without_duplicates(tiny_bert_dir, tmp_path):
     assert m["complete"] and len(m["done"]) == 20 and set(done_before) <= set(m["done"])
     ids = [i for s in m["shards"] for i in read_embeddings(out / EMB_DIR, s["name"])[0]]
     assert len(ids) == 2000 and len(set(ids)) == 2000
-    build_index(out / EMB_DIR, tmp_path / "index", "Flat")
+    build_index(out / EMB_DIR, tmp_path / "index", IndexConfig(factory="Flat"))
     index, index_ids, _ = load_index(tmp_path / "index")
     assert index.ntotal == 2000 and sorted(index_ids) == sorted(f"d{k}" for k in range(2000))
 
@@ -194,3 +193,67 @@ def test_vectors_column_normalised_to_fixed_size_list(kind):
     out = _as_fixed_list(col)
     assert pa.types.is_fixed_size_list(out.type) and out.type.list_size == 4
     np.testing.assert_array_equal(out.flatten().to_numpy().reshape(3, 4), vecs)
+
+
+def _synthetic_embeddings(emb_dir, n=4000, dim=32, seed=0):
+    """Clustered unit vectors in embedding shards, as `raysys encode` writes them."""
+    import pyarrow as pa
+
+    from raysys.index.manifest import write_manifest
+
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((64, dim)).astype(np.float32)
+    emb_dir.mkdir(parents=True)
+    shards = []
+    for i, start in enumerate(range(0, n, 1000)):
+        v = centers[rng.integers(0, 64, 1000)] + 0.7 * rng.standard_normal((1000, dim))
+        v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+        name = f"part-{i:05d}.parquet"
+        ids = pa.array([f"d{start + j}" for j in range(1000)])
+        pq.write_table(
+            pa.table(
+                {"id": ids, "emb": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), dim)}
+            ),
+            emb_dir / name,
+        )
+        shards.append({"name": name, "rows": 1000})
+    write_manifest(
+        emb_dir,
+        {
+            "contract": {"model": "synthetic"},
+            "representations": ["dense"],
+            "dtype": "float32",
+            "dim": dim,
+            "corpus": {"rows": n, "skipped": {}},
+            "shards": shards,
+            "done": [s["name"] for s in shards],
+            "complete": True,
+        },
+    )
+
+
+def test_index_command_honours_recall_target(ray_local, tmp_path):
+    """`raysys index ... index.recall_target=X` changes the chosen default nprobe."""
+    from raysys.cli import main
+    from raysys.index.manifest import read_manifest
+
+    _synthetic_embeddings(tmp_path / "enc" / EMB_DIR)
+    chosen = {}
+    for target in (0.5, 1.0):
+        out = tmp_path / f"index-{target}"
+        rc = main(
+            [
+                "index",
+                "-",
+                "index.factory=IVF32,Flat",
+                f"index.recall_target={target}",
+                f"--embeddings={tmp_path / 'enc'}",
+                f"--out={out}",
+            ]
+        )
+        assert rc == 0
+        m = read_manifest(out)
+        chosen[target] = m["nprobe"]
+        best = max(m["nprobe_recall_at_10"].values())
+        assert m["nprobe_recall_at_10"][str(m["nprobe"])] >= target * best
+    assert chosen[0.5] < chosen[1.0], chosen

@@ -127,7 +127,7 @@ def test_quickstart_job_on_a_real_cluster(head_node, tmp_path):
             "jobs/quickstart.yaml",
             f"data={data}",
             "train.max_steps=3",
-            f"train.storage_path={tmp_path / 'ray_results'}",
+            f"train.checkpoint.storage_path={tmp_path / 'ray_results'}",
             "--out",
             str(out),
         ],

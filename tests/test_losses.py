@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from raysys.losses import info_nce
+from raysys.losses import grouped_ce, info_nce, pointwise_bce
 
 
 def test_in_batch_matches_hand_computation():
@@ -47,3 +47,20 @@ def test_false_negative_mask_removes_known_positives():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="expected 6 passages"):
         info_nce(torch.randn(2, 3), torch.randn(5, 3), group_size=3, temperature=1.0)
+
+
+def test_grouped_ce_equals_hand_value():
+    scores = torch.tensor([2.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    g1 = -math.log(math.exp(2) / (math.exp(2) + math.exp(1) + 1))
+    g2 = -math.log(1 / (1 + 1 + math.exp(1)))
+    assert grouped_ce(scores, 3).item() == pytest.approx((g1 + g2) / 2, abs=1e-6)
+
+
+def test_pointwise_bce_equals_hand_value():
+    scores = torch.tensor([2.0, -1.0, 0.5, 0.0])
+
+    def sig(x):
+        return 1 / (1 + math.exp(-x))
+
+    hand = -(math.log(sig(2)) + math.log(1 - sig(-1)) + math.log(sig(0.5)) + math.log(0.5)) / 4
+    assert pointwise_bce(scores, 2).item() == pytest.approx(hand, abs=1e-6)

@@ -39,8 +39,8 @@ def test_minilm_mean_pooling_on_scifact(ray_local, scifact, tmp_path):
             "train.group_size=4",
             "train.max_steps=3",
             "train.zero_stage=2",
-            "train.run_name=minilm",
-            f"train.storage_path={tmp_path / 'ray'}",
+            "train.checkpoint.run_name=minilm",
+            f"train.checkpoint.storage_path={tmp_path / 'ray'}",
         ],
     )
     outcome = run_training(cfg, tmp_path / "out")
@@ -68,10 +68,10 @@ def test_smollm2_lora_last_pooling_on_scifact(ray_local, scifact, tmp_path):
             "train.per_device_queries=2",
             "train.group_size=2",
             "train.max_steps=2",
-            "train.lr=1e-4",
+            "train.optim.lr=1e-4",
             "train.zero_stage=3",
-            "train.run_name=smollm",
-            f"train.storage_path={tmp_path / 'ray'}",
+            "train.checkpoint.run_name=smollm",
+            f"train.checkpoint.storage_path={tmp_path / 'ray'}",
         ],
     )
     outcome = run_training(cfg, tmp_path / "out")

@@ -31,9 +31,9 @@ def _cfg(model, data, tmp_path, *extra):
             "contract.passage_max_len=24",
             "train.per_device_queries=4",
             "train.group_size=4",
-            "train.lr=5e-3",
-            "train.warmup_ratio=0.1",
-            f"train.storage_path={tmp_path / 'ray'}",
+            "train.optim.lr=5e-3",
+            "train.optim.warmup_ratio=0.1",
+            f"train.checkpoint.storage_path={tmp_path / 'ray'}",
             *extra,
         ],
     )
@@ -66,7 +66,7 @@ def test_zero_stage_trains_and_exports(ray_local, tiny_llama_dir, toy_data, tmp_
         f"train.zero_stage={stage}",
         "train.max_steps=30",
         "train.log_steps=5",
-        f"train.run_name=zero{stage}",
+        f"train.checkpoint.run_name=zero{stage}",
     )
     outcome = run_training(cfg, tmp_path / "out")
     losses = [h["loss"] for h in outcome.history]
@@ -86,20 +86,32 @@ def test_zero_stage_trains_and_exports(ray_local, tiny_llama_dir, toy_data, tmp_
 
 
 def test_resume_continues_the_loss_curve(ray_local, tiny_llama_dir, toy_data, tmp_path):
-    common = ("train.zero_stage=3", "train.max_steps=8", "train.save_steps=2", "train.log_steps=1")
+    common = (
+        "train.zero_stage=3",
+        "train.max_steps=8",
+        "train.checkpoint.save_steps=2",
+        "train.log_steps=1",
+    )
     full = run_training(
-        _cfg(tiny_llama_dir, toy_data, tmp_path, *common, "train.run_name=full"), tmp_path / "full"
+        _cfg(tiny_llama_dir, toy_data, tmp_path, *common, "train.checkpoint.run_name=full"),
+        tmp_path / "full",
     )
     first = run_training(
         _cfg(
-            tiny_llama_dir, toy_data, tmp_path, *common, "train.run_name=cut", "train.stop_after=4"
+            tiny_llama_dir,
+            toy_data,
+            tmp_path,
+            *common,
+            "train.checkpoint.run_name=cut",
+            "train.checkpoint.stop_after=4",
         ),
         tmp_path / "cut",
     )
     assert first.stopped_at == 4 and not first.finished and first.model_dir is None
     # Same run name and storage: Ray hands the latest checkpoint back.
     resumed = run_training(
-        _cfg(tiny_llama_dir, toy_data, tmp_path, *common, "train.run_name=cut"), tmp_path / "cut"
+        _cfg(tiny_llama_dir, toy_data, tmp_path, *common, "train.checkpoint.run_name=cut"),
+        tmp_path / "cut",
     )
     assert first.started_at == 0
     assert resumed.finished and resumed.started_at == 4 and resumed.stopped_at == 8

@@ -20,6 +20,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raysys.errors import UserError
+
 log = logging.getLogger(__name__)
 
 CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
@@ -27,7 +29,7 @@ ID_FIELDS = ("_id", "id", "docid", "doc_id", "pid", "query_id", "qid")
 TEXT_FIELDS = ("text", "contents", "body", "passage", "query", "query_text")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Input data is malformed; the message says where."""
 
 
@@ -63,10 +65,24 @@ class Report:
 def iter_jsonl(
     path: str | Path, report: Report | None = None, on_bad_line: str = "error"
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, object)`` for each non-blank line of a JSONL file."""
+    """Yield ``(line_number, object)`` for each non-blank line of a JSONL file.
+
+    A line that is not UTF-8, not JSON or not an object is a bad line: it
+    raises :class:`DataError` naming file and line, or with
+    ``on_bad_line="skip"`` is counted in ``report``.
+    """
     path = Path(path)
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                msg = f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"
+                if on_bad_line == "skip" and report is not None:
+                    report.skip("malformed lines", msg)
+                    log.warning(msg)
+                    continue
+                raise DataError(msg) from None
             if not line.strip():
                 continue
             try:
@@ -91,7 +107,10 @@ def iter_records(
     if not path.exists():
         raise DataError(f"no such file: {path}")
     if path.suffix == ".parquet" or path.is_dir():
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file or folder: {e}") from None
         for i, rec in enumerate(table.to_pylist()):
             yield f"{path}:row {i}", rec
     else:
@@ -178,8 +197,13 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
     if not path.is_file():
         raise DataError(f"no such qrels file: {path}")
     qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8") from None
+            row = next(csv.reader([line], delimiter="\t"), [])
             if len(row) == 1:
                 row = row[0].split()
             if not row or (
@@ -204,6 +228,7 @@ class BeirFolder:
     """A BEIR dataset folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
 
     root: Path
+    on_bad_line: str = "error"
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -216,10 +241,10 @@ class BeirFolder:
         return self.root / "corpus.jsonl"
 
     def corpus(self, report: Report | None = None) -> pa.Table:
-        return read_corpus(self.corpus_path, report)
+        return read_corpus(self.corpus_path, report, self.on_bad_line)
 
     def queries(self, report: Report | None = None) -> dict[str, str]:
-        return read_queries(self.root / "queries.jsonl", report)
+        return read_queries(self.root / "queries.jsonl", report, self.on_bad_line)
 
     def qrels(self, split: str) -> dict[str, dict[str, int]]:
         path = self.root / "qrels" / f"{split}.tsv"

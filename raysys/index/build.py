@@ -27,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raysys.config import ConfigError
+from raysys.errors import UserError
 from raysys.index.encode import read_embeddings
 from raysys.index.manifest import read_manifest, write_manifest
 
@@ -152,23 +154,25 @@ def _add_shard(
 def build_index(
     emb_dir: str | Path,
     out_dir: str | Path,
-    factory: str = "auto",
+    icfg: Any,
     *,
-    train_sample: int = 0,
-    ondisk: str = "auto",
-    seed: int = 0,
-    recall_target: float = 0.99,
     tune_queries: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Build, merge and save the index; returns its manifest."""
+    """Build, merge and save the index; returns its manifest.
+
+    ``icfg`` is a :class:`raysys.config.IndexConfig`; ``tune_queries`` are
+    held-out query vectors for tuning the default nprobe.
+    """
     import ray
 
-    from raysys.train.launch import ensure_ray
+    from raysys.runtime import ensure_ray
 
+    factory, train_sample, seed = icfg.factory, icfg.train_sample, icfg.seed
+    ondisk, recall_target = icfg.ondisk, icfg.recall_target
     emb_dir, out = Path(emb_dir), Path(out_dir)
     emb = read_manifest(emb_dir)
     if not emb.get("complete"):
-        raise RuntimeError(
+        raise UserError(
             f"{emb_dir}: encoding is not complete; run `raysys encode` again to finish it"
         )
     shards = emb["shards"]
@@ -182,7 +186,7 @@ def build_index(
     try:
         index = faiss.index_factory(dim, factory, metric)
     except RuntimeError as e:
-        raise ValueError(
+        raise ConfigError(
             f"index.factory {factory!r} is not a valid FAISS factory string: {e}"
         ) from e
     if not _supports_ids(index):
@@ -231,7 +235,7 @@ def build_index(
     part_files = [str(parts / f"{i:05d}.faiss") for i in range(len(shards))]
     use_ondisk = ondisk == "true" or (ondisk == "auto" and n > ONDISK_AUTO_THRESHOLD)
     if use_ondisk and _ivf(index) is None:
-        raise ValueError("index.ondisk needs an IVF index")
+        raise ConfigError("index.ondisk=true needs an IVF index (index.factory IVF...)")
     if use_ondisk:
         from faiss.contrib.ondisk import merge_ondisk
 
@@ -257,6 +261,7 @@ def build_index(
     ids = [i for s in shards for i in read_embeddings(emb_dir, s["name"])[0]]
     pq.write_table(pa.table({"id": ids}), out / IDS_FILE)
     manifest = {
+        "representation": "dense",
         "contract": emb["contract"],
         "factory": factory,
         "auto": chosen,

@@ -8,15 +8,16 @@
 2. **Encode.** Ray Data reads the pending shards, tokenizes them in CPU tasks
    (sorted by length within each batch, so padding wastes little), and encodes
    them in a class-based map over an actor pool (1 GPU per actor when GPUs are
-   used). The driver writes each shard's embeddings (id + vector, float32 or
-   float16) atomically once all its rows are in, and records it in the manifest.
+   used). The actor writes the columns of every representation the model
+   produces (:mod:`raysys.representations`; dense: ``emb``, a float32 or
+   float16 vector). The driver writes each shard atomically once all its rows
+   are in, and records it in the manifest.
 3. **Resume.** A rerun skips shards already written; a shard is written whole
    or not at all, so no id is ever written twice or dropped.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -30,9 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysys.contract import ContractError, EncodingContract
-from raysys.data.readers import CORPUS_SCHEMA, Report, iter_corpus
+from raysys.data.readers import CORPUS_SCHEMA, DataError, Report, iter_corpus
 from raysys.index.manifest import read_manifest, write_json_atomic, write_manifest
-from raysys.pool import set_actor_threads, tokenize_and_map
+from raysys.models.backbone import cached_tokenizer
+from raysys.representations import get_representation
+from raysys.representations.dense import COLUMN
+from raysys.runtime import ensure_ray, set_actor_threads, tokenize_and_map
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ EMB_DIR = "embeddings"
 
 
 def _source_fingerprint(src: Path, shard_size: int, max_docs: int) -> dict[str, Any]:
+    if not src.is_file():
+        raise DataError(f"no such corpus file: {src}")
     st = src.stat()
     return {
         "path": str(src.resolve()),
@@ -104,19 +110,12 @@ def prepare_corpus(
     if buf:
         flush()
     if total == 0:
-        raise ValueError(f"{src}: no usable corpus records ({report.summary()})")
+        raise DataError(f"{src}: no usable corpus records ({report.summary()})")
     if report.counts:
         log.warning("corpus %s: %s", src, report.summary())
     meta = {"source": fp, "rows": total, "shards": shards, **report.to_dict()}
     write_json_atomic(meta_path, meta)
     return meta
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str) -> Any:
-    from raysys.models.embedder import load_tokenizer
-
-    return load_tokenizer(path)
 
 
 def tokenize_batch(batch: pa.Table, model_path: str, contract: dict[str, Any]) -> pa.Table:
@@ -128,7 +127,7 @@ def tokenize_batch(batch: pa.Table, model_path: str, contract: dict[str, Any]) -
             batch.column("text").to_pylist(), batch.column("title").to_pylist(), strict=True
         )
     ]
-    ids = c.token_ids(_tokenizer(model_path), texts, "passage")
+    ids = c.token_ids(cached_tokenizer(model_path), texts, "passage")
     lengths = np.array([len(x) for x in ids])
     order = np.argsort(-lengths, kind="stable")
     return pa.table(
@@ -141,27 +140,31 @@ def tokenize_batch(batch: pa.Table, model_path: str, contract: dict[str, Any]) -
 
 
 class EncodeActor:
-    """Ray Data actor: holds the model and turns token ids into vectors."""
+    """Ray Data actor: holds the model and turns token ids into representations."""
 
-    def __init__(self, model_path: str, contract: dict[str, Any], opts: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        contract: dict[str, Any],
+        representations: list[str],
+        dtype: str,
+        opts: dict[str, Any],
+    ) -> None:
         import torch
 
-        from raysys.models.embedder import load_embedder, quantize_int8
+        from raysys.models.embedder import load_embedder
+        from raysys.models.quantize import maybe_quantize
 
         set_actor_threads(opts)
         self.device = "cuda" if opts.get("use_gpu") and torch.cuda.is_available() else "cpu"
-        self.model, self.tok = load_embedder(
+        model, self.tok = load_embedder(
             model_path, self.device, EncodingContract.from_dict(contract)
         )
-        if opts.get("int8") and self.device == "cpu":
-            self.model = quantize_int8(
-                self.model,
-                opts.get("int8_per_channel", True),
-                opts.get("int8_ffn_down_fp32", False),
-            )
+        self.model = maybe_quantize(model, opts, self.device)
+        self.reps = [get_representation(r) for r in representations]
         self.bf16 = bool(opts.get("bf16"))
         self.micro = int(opts.get("micro_batch", 32))
-        self.dtype = np.float16 if opts.get("dtype") == "float16" else np.float32
+        self.dtype = dtype
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
@@ -169,34 +172,22 @@ class EncodeActor:
         if THROTTLE_S:
             time.sleep(THROTTLE_S)
         ids = batch.column("input_ids").to_pylist()
-        outs = []
+        outs: dict[str, list[Any]] = defaultdict(list)
         with torch.inference_mode():
             for i in range(0, len(ids), self.micro):
                 enc = EncodingContract.pad(self.tok, ids[i : i + self.micro])
                 with torch.autocast(
                     self.device, dtype=torch.bfloat16, enabled=self.bf16 and self.device == "cpu"
                 ):
-                    emb = self.model(
+                    rep = self.model.represent(
                         enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
                     )
-                outs.append(emb.float().cpu().numpy())
-        emb = np.concatenate(outs).astype(self.dtype)
-        dim = emb.shape[1]
-        vec = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim)
-        return pa.table({"id": batch.column("id"), "path": batch.column("path"), "emb": vec})
-
-
-def _encode_opts(enc: Any) -> dict[str, Any]:
-    return {
-        "torch_threads": enc.torch_threads,
-        "use_gpu": enc.use_gpu,
-        "int8": enc.int8,
-        "int8_per_channel": enc.int8_per_channel,
-        "int8_ffn_down_fp32": enc.int8_ffn_down_fp32,
-        "bf16": enc.bf16,
-        "micro_batch": enc.micro_batch,
-        "dtype": enc.dtype,
-    }
+                for name, value in rep.items():
+                    outs[name].append(value.float().cpu().numpy())
+        cols: dict[str, Any] = {"id": batch.column("id"), "path": batch.column("path")}
+        for r in self.reps:
+            cols.update(r.to_columns(np.concatenate(outs[r.name]), self.dtype))
+        return pa.table(cols)
 
 
 def encode_corpus(
@@ -216,7 +207,6 @@ def encode_corpus(
     import ray
 
     from raysys.models.embedder import resolve_contract
-    from raysys.train.launch import ensure_ray
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +216,7 @@ def encode_corpus(
     )
     emb_dir = out / EMB_DIR
     emb_dir.mkdir(exist_ok=True)
-    manifest = _resume_manifest(emb_dir, contract, prepared, enc.dtype)
+    manifest = _resume_manifest(emb_dir, contract, prepared, enc.dtype, ["dense"])
     done = set(manifest["done"])
     for stale in emb_dir.glob("*.tmp*"):
         stale.unlink()
@@ -240,10 +230,15 @@ def encode_corpus(
 
 
 def _resume_manifest(
-    emb_dir: Path, contract: EncodingContract, prepared: dict[str, Any], dtype: str
+    emb_dir: Path,
+    contract: EncodingContract,
+    prepared: dict[str, Any],
+    dtype: str,
+    representations: list[str],
 ) -> dict[str, Any]:
     fresh = {
         "contract": contract.to_dict(),
+        "representations": representations,
         "dtype": dtype,
         "dim": None,
         "corpus": {k: prepared[k] for k in ("source", "rows", "skipped", "examples")},
@@ -265,6 +260,7 @@ def _resume_manifest(
             f"{emb_dir} holds embeddings of another model/contract or dtype; "
             "use a new output folder or delete it"
         )
+    old.setdefault("representations", ["dense"])  # manifests before representations
     old["done"] = [n for n in old.get("done", []) if (emb_dir / n).is_file()]
     if old["done"]:
         log.info("resuming: %d of %d shards already encoded", len(old["done"]), len(old["shards"]))
@@ -288,15 +284,13 @@ def _run_encode(
         tokenize=tokenize_batch,
         tokenize_kwargs={"model_path": model_path, "contract": contract.to_dict()},
         actor=EncodeActor,
-        actor_kwargs=lambda n: {
+        actor_kwargs={
             "model_path": model_path,
             "contract": contract.to_dict(),
-            "opts": {**_encode_opts(enc), "actors": n},
+            "representations": manifest["representations"],
+            "dtype": enc.dtype,
         },
-        batch_size=enc.batch_size,
-        actors=enc.actors,
-        use_gpu=enc.use_gpu,
-        cpus_per_actor=enc.cpus_per_actor,
+        pool=enc.pool,
     )
     buffers: dict[str, list[pa.Table]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
@@ -306,7 +300,8 @@ def _run_encode(
         for name_path in set(batch.column("path").to_pylist()):
             part = batch.filter(pa.compute.equal(batch.column("path"), name_path))
             name = Path(name_path).name
-            buffers[name].append(part.select(["id", "emb"]))
+            keep = [c for c in part.column_names if c != "path"]
+            buffers[name].append(part.select(keep))
             counts[name] += part.num_rows
             if counts[name] == expected[name]:
                 _write_shard(emb_dir, name, buffers.pop(name), manifest)
@@ -343,12 +338,16 @@ def _as_fixed_list(col: pa.ChunkedArray | pa.Array) -> pa.FixedSizeListArray:
 
 
 def _write_shard(emb_dir: Path, name: str, parts: list[pa.Table], manifest: dict[str, Any]) -> None:
+    # Ray may hand dense vectors back as its tensor type: store plain Arrow.
     parts = [
-        pa.table({"id": p.column("id"), "emb": _as_fixed_list(p.column("emb"))}) for p in parts
+        p.set_column(p.schema.get_field_index(COLUMN), COLUMN, _as_fixed_list(p.column(COLUMN)))
+        if COLUMN in p.column_names
+        else p
+        for p in parts
     ]
     table = pa.concat_tables(parts)
-    if manifest["dim"] is None:
-        manifest["dim"] = table.schema.field("emb").type.list_size
+    if manifest["dim"] is None and COLUMN in table.column_names:
+        manifest["dim"] = table.schema.field(COLUMN).type.list_size
     tmp = emb_dir / f"{name}.tmp{os.getpid()}"
     pq.write_table(table, tmp)
     os.replace(tmp, emb_dir / name)
@@ -358,8 +357,8 @@ def _write_shard(emb_dir: Path, name: str, parts: list[pa.Table], manifest: dict
 
 def read_embeddings(emb_dir: str | Path, shard: str) -> tuple[list[str], np.ndarray]:
     """(ids, float32 matrix) of one embedding shard."""
-    table = pq.read_table(Path(emb_dir) / shard)
-    col = table.column("emb").combine_chunks()
+    table = pq.read_table(Path(emb_dir) / shard, columns=["id", COLUMN])
+    col = table.column(COLUMN).combine_chunks()
     dim = col.type.list_size
     vecs = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
     return table.column("id").to_pylist(), vecs

@@ -7,7 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from raysys.errors import UserError
+
 MANIFEST = "manifest.json"
+
+
+class ManifestMissing(UserError, FileNotFoundError):
+    """The folder holds no manifest: it is not an embeddings or index folder."""
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -20,7 +26,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {directory}")
+        raise ManifestMissing(
+            f"{directory}: no {MANIFEST} here; expected the output folder of "
+            "`raysys encode` (its embeddings/) or `raysys index`"
+        )
     return json.loads(path.read_text())
 
 

@@ -10,6 +10,7 @@ within ``margin`` of the query's lowest-scored positive (or above it) is dropped
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import zlib
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from raysys.data.readers import Report
+from raysys.errors import UserError
 from raysys.search.runfile import Run
 
 log = logging.getLogger(__name__)
@@ -116,53 +118,49 @@ def write_groups(groups: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def mine(
-    cfg: Any,
-    out: str | Path,
-    spec: MineSpec,
-    *,
-    index_dir: str | Path | None = None,
-    reranker: str | None = None,
-) -> dict[str, Any]:
-    """Mine groups for ``cfg.data``'s training split with ``cfg.model``.
+def spec_from_config(m: Any) -> MineSpec:
+    """A :class:`MineSpec` from a :class:`raysys.config.MineConfig`."""
+    return MineSpec(rank_from=m.rank_from, rank_to=m.rank_to, n=m.n, seed=m.seed, margin=m.margin)
 
-    Uses ``index_dir`` when given, else encodes the corpus and builds an exact
-    (Flat) index under ``<out>.work/``. Returns a summary (also written to
-    ``<out>.summary.json``).
+
+def mine(cfg: Any, out: str | Path) -> dict[str, Any]:
+    """Mine groups for ``cfg.data``'s training split with ``cfg.model`` as ``cfg.mine`` says.
+
+    Uses ``cfg.mine.index`` when set, else encodes the corpus and builds an
+    index (``cfg.mine.factory``, exact by default) under ``<out>.work/``.
+    Returns a summary (also written to ``<out>.summary.json``).
     """
-    from raysys.data.readers import BeirFolder
-    from raysys.search.retrieve import Searcher
+    from raysys.data.readers import BeirFolder, read_corpus
+    from raysys.search.retrieve import QueryEncoder
+    from raysys.stages import encode_stage, index_stage, search_stage
 
+    m = cfg.mine
+    spec = spec_from_config(m)
     if not cfg.data.path:
-        raise ValueError("data: set data=PATH to a BEIR folder (queries, qrels, corpus)")
+        raise UserError("data: set data=PATH to a BEIR folder (queries, qrels, corpus)")
     beir = BeirFolder(Path(cfg.data.path))
     out = Path(out)
     contract = cfg.encoding_contract()
+    index_dir = m.index
+    corpus_skipped: dict[str, int] = {}
     if index_dir is None:
-        from raysys.index.build import build_index
-        from raysys.index.encode import EMB_DIR, encode_corpus
-
         work = out.parent / f"{out.name}.work"
-        encode_corpus(beir.corpus_path, work / "encode", cfg.model.path, contract, cfg.encode)
-        build_index(work / "encode" / EMB_DIR, work / "index", "Flat")
-        index_dir = work / "index"
+        enc = encode_stage(cfg, beir.corpus_path, work / "encode", cfg.model.path, contract)
+        corpus_skipped = enc["corpus"].get("skipped") or {}
+        icfg = dataclasses.replace(cfg.index, factory=m.factory)
+        index_stage(dataclasses.replace(cfg, index=icfg), work / "encode", work / "index")
+        index_dir = str(work / "index")
     qrels = beir.qrels(cfg.data.train_split)
-    queries = beir.queries()
-    searcher = Searcher(index_dir, cfg.model.path, contract)
-    qids = sorted(q for q in qrels if q in queries)
-    run = searcher.search(
-        qids,
-        searcher.encode([queries[q] for q in qids], cfg.search.batch_size),
-        topk=spec.rank_to + max((len(v) for v in qrels.values()), default=0),
-        nprobe=cfg.search.nprobe,
-        drop_self_hits=cfg.search.drop_self_hits,
-    )
+    queries = beir.queries(spec.report)
+    wanted = {q: queries[q] for q in qrels if q in queries}
+    depth = spec.rank_to + max((len(v) for v in qrels.values()), default=0)
+    res = search_stage(cfg, index_dir, wanted, QueryEncoder(cfg.model.path, contract), topk=depth)
     scorer, corpus = None, None
-    if reranker is not None and spec.margin is not None:
+    if m.reranker is not None and spec.margin is not None:
         from raysys.models.reranker import Scorer
 
-        scorer = Scorer(reranker)
-        table = beir.corpus()
+        scorer = Scorer(m.reranker, opts=dataclasses.asdict(cfg.reranker.pool))
+        table = read_corpus(beir.corpus_path, spec.report, on_bad_line=cfg.data.on_bad_line)
         corpus = dict(
             zip(
                 table.column("id").to_pylist(),
@@ -172,7 +170,7 @@ def mine(
                 strict=True,
             )
         )
-    groups = mine_groups(run, queries, qrels, spec, scorer, corpus)
+    groups = mine_groups(res.run, queries, qrels, spec, scorer, corpus)
     write_groups(groups, out)
     n_neg = [len(g["negatives"]) for g in groups]
     summary = {
@@ -182,7 +180,8 @@ def mine(
         "n": spec.n,
         "seed": spec.seed,
         "index": str(index_dir),
-        "reranker_filter": {"model": reranker, "margin": spec.margin} if scorer else None,
+        "reranker_filter": {"model": m.reranker, "margin": spec.margin} if scorer else None,
+        "corpus_skipped": corpus_skipped,
         **spec.report.to_dict(),
     }
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))

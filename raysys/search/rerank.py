@@ -18,8 +18,11 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raysys.contract import RerankContract
 from raysys.data.readers import Report
-from raysys.pool import set_actor_threads, tokenize_and_map
+from raysys.models.backbone import cached_tokenizer
+from raysys.runtime import ensure_ray, set_actor_threads, tokenize_and_map
+from raysys.search.fusion import interpolate
 from raysys.search.runfile import Run
 
 log = logging.getLogger(__name__)
@@ -68,9 +71,6 @@ def candidate_pairs(
 
 def tokenize_pairs(batch: pa.Table, model_path: str, contract: dict[str, Any]) -> pa.Table:
     """Ray Data CPU task: format and tokenize pairs."""
-    from raysys.index.encode import _tokenizer
-    from raysys.models.reranker import RerankContract
-
     c = RerankContract.from_dict(contract)
     pairs = [
         c.format_pair(q, ti, tx)
@@ -81,7 +81,7 @@ def tokenize_pairs(batch: pa.Table, model_path: str, contract: dict[str, Any]) -
             strict=True,
         )
     ]
-    ids = c.token_ids(_tokenizer(model_path), pairs)
+    ids = c.token_ids(cached_tokenizer(model_path), pairs)
     return pa.table(
         {
             "qid": batch.column("qid"),
@@ -101,14 +101,7 @@ class RerankActor:
 
         set_actor_threads(opts)
         device = "cuda" if opts.get("use_gpu") and torch.cuda.is_available() else "cpu"
-        self.scorer = Scorer(
-            model_path,
-            device,
-            opts["micro_batch"],
-            opts.get("int8", False),
-            opts.get("int8_per_channel", True),
-            opts.get("int8_ffn_down_fp32", False),
-        )
+        self.scorer = Scorer(model_path, device, opts)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         scores = self.scorer.score_ids(batch.column("input_ids").to_pylist())
@@ -121,12 +114,10 @@ class RerankActor:
         )
 
 
-def score_pairs_ray(pairs: pa.Table, model_path: str, rcfg: Any) -> pa.Table:
-    """Score every pair on an actor pool; returns qid, docid, score (any order)."""
+def score_pairs_ray(pairs: pa.Table, model_path: str, pool: Any) -> pa.Table:
+    """Score every pair on an actor pool (``pool``: a :class:`raysys.config.PoolConfig`);
+    returns qid, docid, score (any order)."""
     import ray
-
-    from raysys.models.reranker import RerankContract
-    from raysys.train.launch import ensure_ray
 
     ensure_ray()
     contract = RerankContract.load(model_path).to_dict()
@@ -135,21 +126,8 @@ def score_pairs_ray(pairs: pa.Table, model_path: str, rcfg: Any) -> pa.Table:
         tokenize=tokenize_pairs,
         tokenize_kwargs={"model_path": model_path, "contract": contract},
         actor=RerankActor,
-        actor_kwargs=lambda n: {
-            "model_path": model_path,
-            "opts": {
-                "actors": n,
-                "use_gpu": rcfg.use_gpu,
-                "micro_batch": rcfg.micro_batch,
-                "int8": rcfg.int8,
-                "int8_per_channel": rcfg.int8_per_channel,
-                "int8_ffn_down_fp32": rcfg.int8_ffn_down_fp32,
-            },
-        },
-        batch_size=rcfg.batch_size,
-        actors=rcfg.actors,
-        use_gpu=rcfg.use_gpu,
-        cpus_per_actor=rcfg.cpus_per_actor,
+        actor_kwargs={"model_path": model_path},
+        pool=pool,
     )
     parts, seen, t0, last = [], 0, time.perf_counter(), 0.0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -199,7 +177,7 @@ def assemble_run(
     if weight < 1.0:
         if first is None:
             raise ValueError("score interpolation needs the first-stage run")
-        run = {qid: _interpolate(hits, first[qid], weight) for qid, hits in run.items()}
+        run = {qid: interpolate(hits, first[qid], weight) for qid, hits in run.items()}
     for qid, (unscored, below) in tails.items():
         hits = run.setdefault(qid, {})
         tail = unscored + (below if keep_tail else [])
@@ -209,20 +187,6 @@ def assemble_run(
                 if did not in hits:
                     hits[did] = floor - i
     return run
-
-
-def _minmax(scores: dict[str, float]) -> dict[str, float]:
-    lo, hi = min(scores.values()), max(scores.values())
-    span = hi - lo
-    return {d: (s - lo) / span if span > 0 else 0.0 for d, s in scores.items()}
-
-
-def _interpolate(
-    rerank: dict[str, float], first: dict[str, float], weight: float
-) -> dict[str, float]:
-    r = _minmax(rerank)
-    f = _minmax({d: first[d] for d in rerank})
-    return {d: weight * r[d] + (1.0 - weight) * f[d] for d in rerank}
 
 
 class Reranked(NamedTuple):
@@ -248,7 +212,7 @@ def rerank_run(
     model_path = resolve_model(model_path)
     pairs, tails = candidate_pairs(run, queries, corpus, rcfg.topk, report)
     log.info("reranking %d pairs for %d queries (top %d)", pairs.num_rows, len(tails), rcfg.topk)
-    scored = score_pairs_ray(pairs, model_path, rcfg)
+    scored = score_pairs_ray(pairs, model_path, rcfg.pool)
     alone = assemble_run(scored, pairs, tails, rcfg.keep_tail)
     out = alone
     if rcfg.weight < 1.0:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raysys.errors import UserError
+
 Run = dict[str, dict[str, float]]
 
 
@@ -19,15 +21,32 @@ def write_run(run: Run, path: str | Path, tag: str = "raysys") -> Path:
     return path
 
 
+class RunFileError(UserError):
+    """A run file is missing or malformed; the message names file and line."""
+
+
 def read_run(path: str | Path) -> Run:
+    """Read a TREC run; a malformed line raises :class:`RunFileError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunFileError(f"no such run file: {path}")
     run: Run = {}
-    with Path(path).open() as f:
-        for lineno, line in enumerate(f, start=1):
-            parts = line.split()
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                parts = raw.decode("utf-8").split()
+            except UnicodeDecodeError:
+                raise RunFileError(f"{path}:{lineno}: not valid UTF-8") from None
             if not parts:
                 continue
             if len(parts) != 6:
-                raise ValueError(f"{path}:{lineno}: a run line has 6 fields, got {len(parts)}")
+                raise RunFileError(
+                    f"{path}:{lineno}: a run line has 6 fields "
+                    f"(qid Q0 docid rank score tag), got {len(parts)}"
+                )
             qid, _, did, _, score, _ = parts
-            run.setdefault(qid, {})[did] = float(score)
+            try:
+                run.setdefault(qid, {})[did] = float(score)
+            except ValueError:
+                raise RunFileError(f"{path}:{lineno}: score {score!r} is not a number") from None
     return run

@@ -35,7 +35,7 @@ def deepspeed_config(train: Any, world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": train.per_device_queries,
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.per_device_queries * train.grad_accum * world_size,
-        "gradient_clipping": train.max_grad_norm,
+        "gradient_clipping": train.optim.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         "steps_per_print": 10**9,
@@ -55,19 +55,23 @@ def warmup_linear(total_steps: int, warmup_ratio: float):
     return f
 
 
-def param_groups(model: nn.Module, train: Any) -> list[dict[str, Any]]:
-    """AdamW groups: decayed matrices, undecayed vectors, and the score head.
+def param_groups(
+    model: nn.Module, optim: Any, head_prefixes: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """AdamW groups: decayed matrices, undecayed vectors, and fresh heads.
 
-    With ``train.head_lr > 0`` a reranker's freshly initialised ``head.*``
-    parameters get their own learning rate (it may learn faster than the
-    pretrained body); the schedule scales every group alike.
+    ``optim`` is a :class:`raysys.config.OptimConfig`. With ``optim.head_lr >
+    0`` the parameters under ``head_prefixes`` (a task's freshly initialised
+    heads, e.g. a reranker's ``head.``) get their own learning rate (they may
+    learn faster than the pretrained body); the schedule scales every group
+    alike.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    head_lr = train.head_lr
-    is_head = [head_lr > 0 and n.startswith("head.") for n, _ in named]
+    head_lr = optim.head_lr
+    is_head = [head_lr > 0 and n.startswith(head_prefixes) for n, _ in named]
     body = [p for (_, p), h in zip(named, is_head, strict=True) if not h]
     groups = [
-        {"params": [p for p in body if p.ndim >= 2], "weight_decay": train.weight_decay},
+        {"params": [p for p in body if p.ndim >= 2], "weight_decay": optim.weight_decay},
         {"params": [p for p in body if p.ndim < 2], "weight_decay": 0.0},
         {
             "params": [p for (_, p), h in zip(named, is_head, strict=True) if h],
@@ -78,7 +82,13 @@ def param_groups(model: nn.Module, train: Any) -> list[dict[str, Any]]:
     return groups
 
 
-def initialize(model: nn.Module, train: Any, ds_config: dict[str, Any], total_steps: int):
+def initialize(
+    model: nn.Module,
+    train: Any,
+    ds_config: dict[str, Any],
+    total_steps: int,
+    head_prefixes: tuple[str, ...] = (),
+):
     """``deepspeed.initialize`` with a client AdamW (no compiled optimizer op) and schedule.
 
     The model goes to DeepSpeed directly: Ray's ``prepare_model`` must not wrap
@@ -86,11 +96,11 @@ def initialize(model: nn.Module, train: Any, ds_config: dict[str, Any], total_st
     """
     import deepspeed
 
-    groups = param_groups(model, train)
+    groups = param_groups(model, train.optim, head_prefixes)
     # DeepSpeed drops empty groups, which would desynchronise the scheduler.
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.optim.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_linear(total_steps, train.warmup_ratio)
+        optimizer, warmup_linear(total_steps, train.optim.warmup_ratio)
     )
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from raysys.config import Config, to_dict
-from raysys.data.groups import load_training_set
-from raysys.models.hub import cache_dir
+from raysys.runtime import ensure_ray, worker_env
+from raysys.train.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +23,7 @@ class TrainOutcome:
     total_steps: int
     started_at: int  # > 0 when this run resumed from a checkpoint
     stopped_at: int
-    skipped: dict[str, Any]
+    skipped: dict[str, int]
     checkpoint_path: str | None
 
     @property
@@ -32,67 +31,38 @@ class TrainOutcome:
         return self.stopped_at == self.total_steps
 
 
-def worker_env(use_gpu: bool) -> dict[str, str]:
-    """Environment for training workers (also set for `ray job submit`)."""
-    env = {
-        "TORCH_EXTENSIONS_DIR": os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")
-        ),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    for key in (
-        "RAYSYS_CACHE",
-        "HF_HUB_OFFLINE",
-        "TRANSFORMERS_OFFLINE",
-        "RAYSYS_TRAIN_THROTTLE_S",
-    ):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    return env
-
-
-def ensure_ray() -> None:
-    """Connect to Ray (a cluster via RAY_ADDRESS / `ray job submit`), or start one locally."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
-
-
 def run_training(cfg: Config, out_dir: str | Path) -> TrainOutcome:
-    """Train a retriever as ``cfg`` says; the exported model lands in ``out_dir/model``."""
+    """Train ``cfg.train.task`` as ``cfg`` says; the export lands in ``out_dir/model``."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    t = cfg.train
+    t, sc, ck = cfg.train, cfg.train.scaling, cfg.train.checkpoint
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_training_set(cfg.data, seed=t.seed)
-    log.info(
-        "training set: %d groups over %d passages; %s",
-        len(data),
-        data.corpus.num_rows,
-        data.report.summary(),
-    )
+    task_cls = get_task(t.task)
+    data = task_cls(cfg).load_data()
+    data_summary = task_cls(cfg).data_summary(data)
+    log.info("training data (%s): %s", t.task, data_summary)
     ensure_ray()
-    storage = t.storage_path or str((out / "ray_storage").resolve())
+    storage = ck.storage_path or str((out / "ray_storage").resolve())
     trainer = TorchTrainer(
         _train_entry,
-        train_loop_config={"cfg": to_dict(cfg), "data": ray.put(data)},
+        train_loop_config={"cfg": to_dict(cfg), "data": ray.put(data), "task": task_cls},
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers,
-            use_gpu=t.use_gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker={
+                "CPU": sc.cpus_per_worker,
+                **({"GPU": 1} if sc.use_gpu else {}),
+            },
         ),
         run_config=RunConfig(
-            name=t.run_name,
+            name=ck.run_name,
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            failure_config=FailureConfig(max_failures=ck.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": worker_env(t.use_gpu)},
+            worker_runtime_env={"env_vars": worker_env(sc.use_gpu)},
         ),
     )
     result = trainer.fit()
@@ -111,7 +81,7 @@ def run_training(cfg: Config, out_dir: str | Path) -> TrainOutcome:
         "total_steps": ret.get("total_steps"),
         "started_at": ret.get("started_at"),
         "stopped_at": ret.get("stopped_at"),
-        "data": {"groups": len(data), "passages": data.corpus.num_rows, **data.report.to_dict()},
+        "data": data_summary,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "model_dir": str(model_dir) if model_dir else None,
     }
@@ -122,7 +92,7 @@ def run_training(cfg: Config, out_dir: str | Path) -> TrainOutcome:
         total_steps=int(ret.get("total_steps") or 0),
         started_at=int(ret.get("started_at") or 0),
         stopped_at=int(ret.get("stopped_at") or 0),
-        skipped=data.report.to_dict(),
+        skipped=data_summary.get("skipped", {}),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
     )
 

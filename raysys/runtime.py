@@ -1,4 +1,6 @@
-"""The tokenize -> actor-pool model stage shared by corpus encoding and reranking.
+"""Everything about Ray itself: start-up, the worker environment, actor-pool
+sizing, actor thread settings and the tokenize -> actor-pool model stage that
+corpus encoding and reranking share.
 
 Tokenizing runs in light CPU tasks; the model runs in a class-based map over an
 actor pool (one GPU per actor when asked, else CPU). Blocks are cut to one
@@ -9,10 +11,42 @@ and the actors share the work evenly.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+def ensure_ray() -> None:
+    """Connect to Ray (a cluster via RAY_ADDRESS / `ray job submit`), or start one locally."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment for training workers (also set for `ray job submit`)."""
+    from raysys.models.hub import cache_dir
+
+    env = {
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")
+        ),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    for key in (
+        "RAYSYS_CACHE",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "RAYSYS_TRAIN_THROTTLE_S",
+    ):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
 
 
 def set_actor_threads(opts: dict[str, Any]) -> int:
@@ -24,8 +58,6 @@ def set_actor_threads(opts: dict[str, Any]) -> int:
     of a 360 s encode), so an actor that reserves 1 of 2 CPUs still uses both
     cores for its forward passes.
     """
-    import os
-
     import torch
 
     threads = int(
@@ -71,20 +103,22 @@ def tokenize_and_map(
     tokenize: Callable[..., Any],
     tokenize_kwargs: dict[str, Any],
     actor: type,
-    actor_kwargs: Callable[[int], dict[str, Any]],
-    batch_size: int,
-    actors: int,
-    use_gpu: bool,
-    cpus_per_actor: float,
+    actor_kwargs: dict[str, Any],
+    pool: Any,
 ) -> Any:
     """``ds`` tokenized in tasks, then mapped by ``actor`` on a pool.
 
-    ``actor_kwargs(n_actors)`` builds the actor's constructor kwargs (actors
-    size their torch thread pools from the pool size).
+    ``pool`` is a :class:`raysys.config.PoolConfig`. The actor is built with
+    ``actor_kwargs`` plus ``opts``: the pool section as a dict, with
+    ``actors`` set to the pool's actual size (actors size their torch thread
+    pools from it).
     """
+    import dataclasses
+
     import ray
 
-    n_actors, cpus = pool_size(ray, actors, use_gpu, cpus_per_actor)
+    batch_size, use_gpu = pool.batch_size, pool.use_gpu
+    n_actors, cpus = pool_size(ray, pool.actors, use_gpu, pool.cpus_per_actor)
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = 4 * 1024 * 1024
     ds = ds.map_batches(
@@ -100,7 +134,10 @@ def tokenize_and_map(
         compute=ray.data.ActorPoolStrategy(size=n_actors),
         batch_size=batch_size,
         batch_format="pyarrow",
-        fn_constructor_kwargs=actor_kwargs(n_actors),
+        fn_constructor_kwargs={
+            **actor_kwargs,
+            "opts": {**dataclasses.asdict(pool), "actors": n_actors},
+        },
         num_cpus=cpus,
         num_gpus=1 if use_gpu else 0,
     )

@@ -1,0 +1,70 @@
+"""Dense vectors: one fixed-size vector per passage, searched by inner product
+in a FAISS index (exact ``Flat`` or IVF-PQ, see :mod:`raysys.index.build`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from raysys.representations.base import Representation
+
+COLUMN = "emb"
+
+
+class DenseIndex:
+    """A loaded FAISS index with its row -> id list and manifest."""
+
+    def __init__(self, index_dir: Path) -> None:
+        from raysys.index.build import load_index
+
+        self.index, self.ids, self.manifest = load_index(index_dir)
+        self.default_nprobe = int(self.manifest.get("nprobe") or 0)
+
+    @property
+    def nlist(self) -> int:
+        import faiss
+
+        try:
+            return int(faiss.extract_index_ivf(self.index).nlist)
+        except RuntimeError:
+            return 0
+
+    def search(self, queries: Any, k: int, nprobe: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        nprobe = nprobe or self.default_nprobe
+        if nprobe and self.nlist:
+            faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", nprobe)
+        k = min(k, self.index.ntotal)
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    def sweep_points(self, candidates: list[int]) -> list[int]:
+        nlist = self.nlist
+        if not nlist:
+            return []
+        return sorted({p for p in candidates if p <= nlist} | {self.default_nprobe})
+
+
+class DenseRepresentation(Representation):
+    name: ClassVar[str] = "dense"
+
+    def to_columns(self, output: Any, dtype: str) -> dict[str, pa.Array]:
+        emb = np.asarray(output, dtype=np.float16 if dtype == "float16" else np.float32)
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1])
+        return {COLUMN: vec}
+
+    def build_index(
+        self, emb_dir: Path, out_dir: Path, icfg: Any, tune_queries: Any = None
+    ) -> dict[str, Any]:
+        from raysys.index.build import build_index
+
+        return build_index(emb_dir, out_dir, icfg, tune_queries=tune_queries)
+
+    def open_index(self, index_dir: Path) -> DenseIndex:
+        return DenseIndex(index_dir)
+
+    def score(self, query: Any, passages: Any) -> np.ndarray:
+        return np.asarray(passages, dtype=np.float32) @ np.asarray(query, dtype=np.float32)

@@ -1,0 +1,152 @@
+"""One function per pipeline stage: train, encode, index, search, rerank,
+evaluate. ``raysys pipeline``, the CLI verbs and ``raysys mine`` all call
+these, so each stage's settings are read in one place: every function takes
+the whole :class:`raysys.config.Config` and reads its own sections.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raysys.config import Config
+from raysys.contract import EncodingContract
+from raysys.data.readers import BeirFolder
+from raysys.search.retrieve import QueryEncoder, Searcher
+from raysys.search.runfile import Run
+
+log = logging.getLogger(__name__)
+EMB_SUBDIR = "embeddings"
+
+
+def train_stage(cfg: Config, out: Path) -> Any:
+    """Train ``cfg.train.task``; returns a :class:`raysys.train.launch.TrainOutcome`."""
+    from raysys.train.launch import run_training
+
+    return run_training(cfg, out)
+
+
+def encode_stage(
+    cfg: Config, corpus: str | Path, out: Path, model: str, contract: EncodingContract | None
+) -> dict[str, Any]:
+    """Encode ``corpus`` into ``out/embeddings`` (``cfg.encode``, ``cfg.data.on_bad_line``)."""
+    from raysys.index.encode import encode_corpus
+
+    return encode_corpus(corpus, out, model, contract, cfg.encode, on_bad_line=cfg.data.on_bad_line)
+
+
+def embeddings_dir(path: str | Path) -> Path:
+    """The embeddings folder of an encode output folder (or the folder itself)."""
+    p = Path(path)
+    return p / EMB_SUBDIR if (p / EMB_SUBDIR).is_dir() else p
+
+
+def index_stage(
+    cfg: Config, embeddings: str | Path, out: Path, tune_queries: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Build the index of each representation in ``embeddings`` (``cfg.index``)."""
+    from raysys.index.manifest import read_manifest
+    from raysys.representations import get_representation
+
+    emb = embeddings_dir(embeddings)
+    reps = read_manifest(emb).get("representations", ["dense"])
+    # One representation today; several (dense + sparse) will index side by side.
+    rep = get_representation(reps[0])
+    return rep.build_index(emb, Path(out), cfg.index, tune_queries=tune_queries)
+
+
+@dataclass
+class SearchResult:
+    """A search's run, with what a re-search at another nprobe needs."""
+
+    run: Run
+    qids: list[str]
+    qvecs: Any
+    searcher: Searcher
+    topk: int
+    drop_self_hits: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def at_nprobe(self, nprobe: int) -> Run:
+        """The same queries searched again at ``nprobe`` (for sweeps)."""
+        return self.searcher.search(
+            self.qids,
+            self.qvecs,
+            topk=self.topk,
+            nprobe=nprobe,
+            drop_self_hits=self.drop_self_hits,
+        )
+
+
+def search_stage(
+    cfg: Config,
+    index_dir: str | Path,
+    queries: dict[str, str],
+    encoder: QueryEncoder,
+    *,
+    topk: int | None = None,
+) -> SearchResult:
+    """Encode ``queries`` under the index's contract and search (``cfg.search``)."""
+    s = cfg.search
+    searcher = Searcher(index_dir, encoder)
+    qids = sorted(queries)
+    qvecs = searcher.encode([queries[q] for q in qids], s.batch_size)
+    k = topk or s.topk
+    res = SearchResult({}, qids, qvecs, searcher, k, s.drop_self_hits)
+    res.run = res.at_nprobe(s.nprobe)
+    return res
+
+
+def rerank_stage(
+    cfg: Config, run: Run, queries: dict[str, str], corpus: pa.Table, reranker: str
+) -> Any:
+    """Rerank ``run`` with the reranker export ``reranker`` (``cfg.reranker``);
+    returns :class:`raysys.search.rerank.Reranked`."""
+    from raysys.search.rerank import rerank_run
+
+    return rerank_run(run, queries, corpus, reranker, cfg.reranker)
+
+
+def evaluate_stage(qrels: dict[str, dict[str, int]], run: Run) -> dict[str, float]:
+    """nDCG@10, MRR@10, Recall@100 and Recall@1000 (ir-measures)."""
+    from raysys.eval import evaluate
+
+    return evaluate(qrels, run)
+
+
+def tuning_queries(cfg: Config, beir: BeirFolder, encoder: QueryEncoder) -> np.ndarray | None:
+    """Vectors of up to 500 training-split queries (never the evaluated split),
+    to tune the index's default nprobe on real queries; None if there are none."""
+    split = cfg.data.train_split
+    if split == cfg.data.split or not (beir.root / "qrels" / f"{split}.tsv").is_file():
+        return None
+    queries = beir.queries()
+    qids = [q for q in sorted(beir.qrels(split)) if q in queries][:500]
+    if not qids:
+        return None
+    return encoder.encode([queries[q] for q in qids])
+
+
+def corpus_path(path: str | Path) -> Path:
+    """A corpus file, or a BEIR folder's ``corpus.jsonl``."""
+    p = Path(path)
+    return p / "corpus.jsonl" if p.is_dir() else p
+
+
+__all__ = [
+    "SearchResult",
+    "corpus_path",
+    "embeddings_dir",
+    "encode_stage",
+    "evaluate_stage",
+    "index_stage",
+    "rerank_stage",
+    "search_stage",
+    "train_stage",
+    "tuning_queries",
+]

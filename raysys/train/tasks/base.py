@@ -1,0 +1,96 @@
+"""The training-task seam: everything that differs between training objectives.
+
+A :class:`Task` builds the trainable module around the backbone, collates a
+batch, computes the loss, probes the trained model (the tests reproduce the
+probe from the export) and exports. The shared loop in
+:mod:`raysys.train.loop` does the rest (distributed set-up, the DeepSpeed
+engine, resume, the step loop, logging, checkpoints) and never looks at which
+task it runs. A new objective is one new file with a subclass, registered in
+:mod:`raysys.train.tasks` or named as ``package.module:Class`` in
+``train.task``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+
+class Batch(Protocol):
+    """What the loop needs of a collated batch: its size for throughput logs."""
+
+    def num_tokens(self) -> int: ...
+
+
+@dataclass
+class LossOutput:
+    """The tensor to back-propagate and the number to log for it.
+
+    They differ when the loss is scaled for exact gradients (the gathered
+    InfoNCE is multiplied by the world size).
+    """
+
+    loss: torch.Tensor
+    value: float
+
+
+class Task(ABC):
+    """One training objective. ``cfg`` is the whole :class:`raysys.config.Config`."""
+
+    name: ClassVar[str] = ""
+    # Parameter-name prefixes of freshly initialised heads: with
+    # train.optim.head_lr > 0 they get their own learning rate.
+    head_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    @classmethod  # noqa: B027 (an optional hook: most tasks accept any settings)
+    def validate(cls, cfg: Any) -> None:
+        """Refuse settings this task cannot train with (raise ConfigError)."""
+
+    # -- driver side ----------------------------------------------------------------
+    @abstractmethod
+    def load_data(self) -> Any:
+        """The training data (shipped to the workers): anything with ``len()``."""
+
+    def data_summary(self, data: Any) -> dict[str, Any]:
+        """What the run reports about its data (counts, skipped records)."""
+        return {"examples": len(data)}
+
+    # -- worker side ----------------------------------------------------------------
+    @abstractmethod
+    def model_path(self) -> str:
+        """The local folder of the model this task trains (its tokenizer too)."""
+
+    @abstractmethod
+    def build(self, tokenizer: Any) -> nn.Module:
+        """The trainable module, backbone included (called under ZeRO-3's
+        partitioned construction when it is on)."""
+
+    def export_module(self, module: nn.Module) -> nn.Module:
+        """The part of the trained module whose full weights the export needs."""
+        return module
+
+    @abstractmethod
+    def collator(self, data: Any, tokenizer: Any) -> Callable[[list[int], int], Batch]:
+        """``collate(example_indices, epoch) -> batch`` (deterministic)."""
+
+    @abstractmethod
+    def loss(self, module: nn.Module, batch: Any, device: torch.device) -> LossOutput:
+        """Forward pass(es) through ``module`` and the loss of one micro-batch."""
+
+    def probe(self, module: nn.Module, tokenizer: Any, data: Any) -> dict[str, Any] | None:
+        """Outputs of the trained module on a few fixed inputs (JSON), saved with
+        the export so that tests can reload the export and compare."""
+        return None
+
+    @abstractmethod
+    def export(self, state_dict: dict[str, torch.Tensor], tokenizer: Any, out: Path) -> None:
+        """Write the export from the gathered full weights (rank 0 only)."""

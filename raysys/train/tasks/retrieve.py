@@ -1,0 +1,188 @@
+"""The retriever task: a bi-encoder trained with InfoNCE over each query's
+group (positive first, then hard negatives) plus, optionally, every other
+passage in the global batch, gathered from all workers with exact gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from raysys.contract import EncodingContract
+from raysys.data.groups import TrainingSet, load_training_set
+from raysys.losses import info_nce
+from raysys.models.backbone import build_backbone
+from raysys.models.embedder import Embedder, export_embedder
+from raysys.models.hub import resolve_model
+from raysys.train.tasks.base import LossOutput, Task
+
+
+@dataclass
+class RetrievalBatch:
+    queries: dict[str, torch.Tensor]
+    passages: dict[str, torch.Tensor]
+    passage_ids: list[str]
+    query_positive_ids: list[set[str]]
+
+    def num_tokens(self) -> int:
+        return int(self.queries["attention_mask"].sum() + self.passages["attention_mask"].sum())
+
+
+class RetrievalCollator:
+    """Queries and their groups (positive first, then negatives), tokenized."""
+
+    def __init__(
+        self,
+        data: TrainingSet,
+        tokenizer: Any,
+        contract: EncodingContract,
+        group_size: int,
+        seed: int = 42,
+    ) -> None:
+        self.data = data
+        self.tokenizer = tokenizer
+        self.contract = contract
+        self.group_size = group_size
+        self.seed = seed
+
+    def __call__(self, group_indices: list[int], epoch: int) -> RetrievalBatch:
+        rows: list[int] = []
+        for i in group_indices:
+            pos, negs = self.data.sample(i, epoch, self.seed, self.group_size - 1)
+            rows.append(pos)
+            rows.extend(negs)
+        ids, titles, texts = self.data.texts(rows)
+        c = self.contract
+        q = c.tokenize(
+            self.tokenizer, [c.format_query(self.data.queries[i]) for i in group_indices], "query"
+        )
+        p = c.tokenize(
+            self.tokenizer,
+            [c.format_passage(t, ti) for t, ti in zip(texts, titles, strict=True)],
+            "passage",
+        )
+        return RetrievalBatch(
+            queries=dict(q),
+            passages=dict(p),
+            passage_ids=ids,
+            query_positive_ids=[self.data.positive_ids(i) for i in group_indices],
+        )
+
+
+class DualEncoder(nn.Module):
+    """One module call encodes queries and passages (one DeepSpeed forward)."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, q_ids, q_mask, p_ids, p_mask):  # noqa: ANN001, ANN201
+        return self.embedder(q_ids, q_mask), self.embedder(p_ids, p_mask)
+
+
+class GroupsTask(Task):
+    """Shared by tasks that train on query groups (:class:`TrainingSet`)."""
+
+    def load_data(self) -> TrainingSet:
+        return load_training_set(self.cfg.data, seed=self.cfg.train.seed)
+
+    def data_summary(self, data: TrainingSet) -> dict[str, Any]:
+        return {"groups": len(data), "passages": data.corpus.num_rows, **data.report.to_dict()}
+
+
+class RetrieveTask(GroupsTask):
+    name: ClassVar[str] = "retrieve"
+
+    def model_path(self) -> str:
+        return resolve_model(self.cfg.model.path)
+
+    def build(self, tokenizer: Any) -> nn.Module:
+        m = self.cfg.model
+        backbone = build_backbone(
+            self.model_path(),
+            random_init=m.random_init,
+            lora=m.lora,
+            gradient_checkpointing=self.cfg.train.gradient_checkpointing,
+        )
+        return DualEncoder(Embedder(backbone, self.cfg.encoding_contract()))
+
+    def export_module(self, module: nn.Module) -> nn.Module:
+        return module.embedder.backbone
+
+    def collator(self, data: TrainingSet, tokenizer: Any) -> RetrievalCollator:
+        t = self.cfg.train
+        return RetrievalCollator(
+            data, tokenizer, self.cfg.encoding_contract(), t.group_size, t.seed
+        )
+
+    def loss(self, module: nn.Module, batch: RetrievalBatch, device: torch.device) -> LossOutput:
+        t = self.cfg.train
+        lc = t.loss
+        q, p = module(
+            batch.queries["input_ids"].to(device),
+            batch.queries["attention_mask"].to(device),
+            batch.passages["input_ids"].to(device),
+            batch.passages["attention_mask"].to(device),
+        )
+        fn_mask = lc.mask_false_negatives
+        loss = info_nce(
+            q,
+            p,
+            group_size=t.group_size,
+            temperature=lc.temperature,
+            in_batch=lc.in_batch_negatives,
+            gather=lc.gather_negatives,
+            passage_ids=batch.passage_ids if fn_mask else None,
+            query_positive_ids=batch.query_positive_ids if fn_mask else None,
+        )
+        # The gathered loss is scaled by the world size for exact gradients.
+        world = _world_size()
+        gathered = lc.gather_negatives and lc.in_batch_negatives and world > 1
+        return LossOutput(loss, loss.item() / (world if gathered else 1))
+
+    def probe(self, module: nn.Module, tokenizer: Any, data: TrainingSet) -> dict[str, Any]:
+        """Training-time embeddings of a few fixed texts, to check the export against."""
+        embedder = module.embedder
+        c = embedder.contract
+        rows = [data.positives[i][0] for i in range(min(4, len(data)))]
+        _, titles, texts = data.texts(rows)
+        queries = [c.format_query(t) for t in data.queries[:4]]
+        passages = [c.format_passage(t, ti) for t, ti in zip(texts, titles, strict=True)]
+        device = next(embedder.parameters()).device
+        embedder.eval()
+        with torch.no_grad():
+            q = c.tokenize(tokenizer, queries, "query")
+            p = c.tokenize(tokenizer, passages, "passage")
+            qe = embedder(q["input_ids"].to(device), q["attention_mask"].to(device))
+            pe = embedder(p["input_ids"].to(device), p["attention_mask"].to(device))
+        embedder.train()
+        return {
+            "queries": queries,
+            "passages": passages,
+            "query_embeddings": qe.float().cpu().tolist(),
+            "passage_embeddings": pe.float().cpu().tolist(),
+        }
+
+    def export(self, state_dict: dict[str, torch.Tensor], tokenizer: Any, out: Path) -> None:
+        """Rebuild the backbone un-partitioned, load the gathered weights, export."""
+        m = self.cfg.model
+        backbone = build_backbone(self.model_path(), random_init=True, lora=m.lora)
+        missing, unexpected = backbone.load_state_dict(state_dict, strict=False)
+        if unexpected or [k for k in missing if "lora_" in k]:
+            raise RuntimeError(
+                f"export: state dict mismatch (missing {missing}, unexpected {unexpected})"
+            )
+        os.makedirs(out, exist_ok=True)
+        contract = self.cfg.encoding_contract()
+        export_embedder(backbone, tokenizer, contract, out, merge=not m.export_adapter)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -1,0 +1,31 @@
+"""DeepSpeed engine set-up: optimizer groups and the schedule (no Ray, no DeepSpeed run)."""
+
+import pytest
+
+
+def test_head_lr_gives_the_score_head_its_own_scheduled_rate():
+    import torch
+    from torch import nn
+
+    from raysys.config import load_config
+    from raysys.train.engine import param_groups, warmup_linear
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 1)
+
+    t = load_config(
+        None, ["train.optim.lr=1e-4", "train.optim.head_lr=1e-2", "train.optim.warmup_ratio=0.5"]
+    ).train
+    groups = [g for g in param_groups(Toy(), t.optim, ("head.",)) if g["params"]]
+    head = [g for g in groups if g.get("lr") == 1e-2]
+    assert len(head) == 1 and sum(p.numel() for p in head[0]["params"]) == 5
+    assert sum(len(g["params"]) for g in groups) == 4
+    opt = torch.optim.AdamW(groups, lr=t.optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(4, t.optim.warmup_ratio))
+    assert sched.get_last_lr() == pytest.approx([0.5e-4, 0.5e-4, 0.5e-2])
+    # Without head_lr the head trains at train.optim.lr with the body.
+    t0 = load_config(None, ["train.optim.lr=1e-4"]).train
+    assert [len(g["params"]) for g in param_groups(Toy(), t0.optim, ("head.",))] == [2, 2, 0]

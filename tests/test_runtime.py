@@ -1,0 +1,40 @@
+"""The runtime module: actor-pool sizing and actor thread settings."""
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("cpus", "actors", "per", "want"),
+    [
+        (2, 0, 1.0, (1, 1.0)),  # the default on 2 CPUs: runs
+        (2, 2, 0.75, (1, 0.75)),  # hung Ray Data 2.60 (tokenize starved): capped
+        (2, 1, 4.0, (1, 1.0)),
+        (16, 4, 2.0, (4, 2.0)),
+        (16, 8, 2.0, (4, 2.0)),
+    ],
+)
+def test_cpu_actor_pool_leaves_half_the_cluster_to_the_other_stages(cpus, actors, per, want):
+    from raysys.runtime import pool_size
+
+    class FakeRay:
+        @staticmethod
+        def cluster_resources() -> dict[str, float]:
+            return {"CPU": float(cpus)}
+
+    assert pool_size(FakeRay, actors, False, per) == want
+
+
+def test_actor_threads_come_from_the_config_else_the_node_cores_per_actor(monkeypatch):
+    import torch
+
+    from raysys.runtime import set_actor_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    try:
+        assert set_actor_threads({"torch_threads": 3, "actors": 2}) == 3
+        assert torch.get_num_threads() == 3
+        assert set_actor_threads({"torch_threads": 0, "actors": 2}) == 4
+        assert set_actor_threads({"actors": 16}) == 1
+    finally:
+        torch.set_num_threads(before)

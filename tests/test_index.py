@@ -195,49 +195,14 @@ def test_vectors_column_normalised_to_fixed_size_list(kind):
     np.testing.assert_array_equal(out.flatten().to_numpy().reshape(3, 4), vecs)
 
 
-def _synthetic_embeddings(emb_dir, n=4000, dim=32, seed=0):
-    """Clustered unit vectors in embedding shards, as `raysys encode` writes them."""
-    import pyarrow as pa
-
-    from raysys.index.manifest import write_manifest
-
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((64, dim)).astype(np.float32)
-    emb_dir.mkdir(parents=True)
-    shards = []
-    for i, start in enumerate(range(0, n, 1000)):
-        v = centers[rng.integers(0, 64, 1000)] + 0.7 * rng.standard_normal((1000, dim))
-        v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
-        name = f"part-{i:05d}.parquet"
-        ids = pa.array([f"d{start + j}" for j in range(1000)])
-        pq.write_table(
-            pa.table(
-                {"id": ids, "emb": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), dim)}
-            ),
-            emb_dir / name,
-        )
-        shards.append({"name": name, "rows": 1000})
-    write_manifest(
-        emb_dir,
-        {
-            "contract": {"model": "synthetic"},
-            "representations": ["dense"],
-            "dtype": "float32",
-            "dim": dim,
-            "corpus": {"rows": n, "skipped": {}},
-            "shards": shards,
-            "done": [s["name"] for s in shards],
-            "complete": True,
-        },
-    )
-
-
 def test_index_command_honours_recall_target(ray_local, tmp_path):
     """`raysys index ... index.recall_target=X` changes the chosen default nprobe."""
+    from benchmarks.index_memory import write_shards
     from raysys.cli import main
     from raysys.index.manifest import read_manifest
 
-    _synthetic_embeddings(tmp_path / "enc" / EMB_DIR)
+    (tmp_path / "enc" / EMB_DIR).mkdir(parents=True)
+    write_shards(tmp_path / "enc" / EMB_DIR, 4000, 1000)
     chosen = {}
     for target in (0.5, 1.0):
         out = tmp_path / f"index-{target}"

@@ -77,12 +77,12 @@ def iter_jsonl(
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                msg = f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"
-                if on_bad_line == "skip" and report is not None:
-                    report.skip("malformed lines", msg)
-                    log.warning(msg)
-                    continue
-                raise DataError(msg) from None
+                _bad_line(
+                    f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})",
+                    report,
+                    on_bad_line,
+                )
+                continue
             if not line.strip():
                 continue
             try:
@@ -90,13 +90,18 @@ def iter_jsonl(
                 if not isinstance(obj, dict):
                     raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
             except ValueError as e:
-                msg = f"{path}:{lineno}: malformed line: {e}"
-                if on_bad_line == "skip" and report is not None:
-                    report.skip("malformed lines", msg)
-                    log.warning(msg)
-                    continue
-                raise DataError(msg) from None
+                _bad_line(f"{path}:{lineno}: malformed line: {e}", report, on_bad_line)
+                continue
             yield lineno, obj
+
+
+def _bad_line(msg: str, report: Report | None, on_bad_line: str) -> None:
+    """Count a bad line under ``on_bad_line="skip"``, else raise :class:`DataError`."""
+    if on_bad_line == "skip" and report is not None:
+        report.skip("malformed lines", msg)
+        log.warning(msg)
+        return
+    raise DataError(msg)
 
 
 def iter_records(

@@ -19,7 +19,7 @@ from raysys.models.backbone import build_backbone
 from raysys.models.hub import resolve_model
 from raysys.models.reranker import Reranker, export_reranker
 from raysys.train.tasks.base import LossOutput
-from raysys.train.tasks.retrieve import GroupsTask
+from raysys.train.tasks.retrieve import GroupCollator, GroupsTask
 
 
 @dataclass
@@ -30,28 +30,15 @@ class RerankBatch:
         return int(self.pairs["attention_mask"].sum())
 
 
-class RerankCollator:
+class RerankCollator(GroupCollator):
     """(query, passage) pairs of each group, positive first, tokenized as one sequence."""
 
-    def __init__(
-        self,
-        data: TrainingSet,
-        tokenizer: Any,
-        contract: RerankContract,
-        group_size: int,
-        seed: int = 42,
-    ) -> None:
-        self.data = data
-        self.tokenizer = tokenizer
-        self.contract = contract
-        self.group_size = group_size
-        self.seed = seed
+    contract: RerankContract
 
     def __call__(self, group_indices: list[int], epoch: int) -> RerankBatch:
         texts: list[str] = []
         for i in group_indices:
-            pos, negs = self.data.sample(i, epoch, self.seed, self.group_size - 1)
-            _, titles, bodies = self.data.texts([pos, *negs])
+            _, titles, bodies = self.data.texts(self.rows(i, epoch))
             q = self.data.queries[i]
             texts += [
                 self.contract.format_pair(q, ti, tx) for ti, tx in zip(titles, bodies, strict=True)

@@ -33,16 +33,12 @@ class RetrievalBatch:
         return int(self.queries["attention_mask"].sum() + self.passages["attention_mask"].sum())
 
 
-class RetrievalCollator:
-    """Queries and their groups (positive first, then negatives), tokenized."""
+class GroupCollator:
+    """Base of the collators over query groups: each group sampled as 1 positive
+    + ``group_size - 1`` negatives from ``(seed, epoch, group)``."""
 
     def __init__(
-        self,
-        data: TrainingSet,
-        tokenizer: Any,
-        contract: EncodingContract,
-        group_size: int,
-        seed: int = 42,
+        self, data: TrainingSet, tokenizer: Any, contract: Any, group_size: int, seed: int = 42
     ) -> None:
         self.data = data
         self.tokenizer = tokenizer
@@ -50,12 +46,19 @@ class RetrievalCollator:
         self.group_size = group_size
         self.seed = seed
 
+    def rows(self, group: int, epoch: int) -> list[int]:
+        """Corpus rows of one group this epoch: the positive first."""
+        pos, negs = self.data.sample(group, epoch, self.seed, self.group_size - 1)
+        return [pos, *negs]
+
+
+class RetrievalCollator(GroupCollator):
+    """Queries and their groups (positive first, then negatives), tokenized."""
+
+    contract: EncodingContract
+
     def __call__(self, group_indices: list[int], epoch: int) -> RetrievalBatch:
-        rows: list[int] = []
-        for i in group_indices:
-            pos, negs = self.data.sample(i, epoch, self.seed, self.group_size - 1)
-            rows.append(pos)
-            rows.extend(negs)
+        rows = [r for i in group_indices for r in self.rows(i, epoch)]
         ids, titles, texts = self.data.texts(rows)
         c = self.contract
         q = c.tokenize(

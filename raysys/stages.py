@@ -21,7 +21,6 @@ from raysys.search.retrieve import QueryEncoder, Searcher
 from raysys.search.runfile import Run
 
 log = logging.getLogger(__name__)
-EMB_SUBDIR = "embeddings"
 
 
 def train_stage(cfg: Config, out: Path) -> Any:
@@ -42,8 +41,10 @@ def encode_stage(
 
 def embeddings_dir(path: str | Path) -> Path:
     """The embeddings folder of an encode output folder (or the folder itself)."""
+    from raysys.index.encode import EMB_DIR
+
     p = Path(path)
-    return p / EMB_SUBDIR if (p / EMB_SUBDIR).is_dir() else p
+    return p / EMB_DIR if (p / EMB_DIR).is_dir() else p
 
 
 def index_stage(

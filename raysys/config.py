@@ -132,7 +132,12 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
     seed: int = 42
-    log_steps: int = 1
+    # Every step is recorded (history, TensorBoard, the console's bar); every
+    # log_steps-th also goes to the log file and to Ray Train as a report.
+    log_steps: int = 10
+    # Also log the step metrics to MLflow (needs `pip install mlflow`; its
+    # MLFLOW_TRACKING_URI decides where).
+    mlflow: bool = False
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -295,6 +300,10 @@ class Config:
     stages: list[str] = field(
         default_factory=lambda: ["train", "encode", "index", "search", "evaluate"]
     )
+    # Pipeline: when the train stage runs, also encode, index, search and
+    # evaluate with the untrained model.path, so the report compares base and
+    # fine-tuned side by side (into OUT/base/).
+    baseline: bool = False
     out: str | None = None
 
     def rerank_contract(self) -> RerankContract:
@@ -555,6 +564,7 @@ def _validate(cfg: Config) -> None:
         (t.optim.head_lr >= 0, "train.optim.head_lr must be >= 0"),
         (0 <= t.optim.warmup_ratio < 1, "train.optim.warmup_ratio must be in [0, 1)"),
         (t.epochs > 0 or t.max_steps > 0, "train.epochs or train.max_steps must be > 0"),
+        (t.log_steps >= 1, "train.log_steps must be >= 1"),
         (cfg.model.lora.r >= 1, "model.lora.r must be >= 1"),
         (0 <= cfg.model.lora.dropout < 1, "model.lora.dropout must be in [0, 1)"),
         (cfg.data.sampled_negatives >= 0, "data.sampled_negatives must be >= 0"),
@@ -581,6 +591,11 @@ def _validate(cfg: Config) -> None:
         from raysys.train.tasks import get_task
 
         get_task(t.task).validate(cfg)
+    if t.mlflow:
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            raise ConfigError("train.mlflow=true needs MLflow: pip install mlflow")
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {list(STAGES)}")

@@ -3,8 +3,13 @@ from one config, each step a function of :mod:`raysys.stages`.
 
 Writes into the output folder: ``metrics.json`` (nDCG@10, MRR@10, Recall@100,
 Recall@1000 of the final run: reranked when the rerank stage ran), the run
-file(s) (``run.trec``, ``run.rerank.trec``), ``report.md`` and ``nprobe.png``
-(Recall@100 and nDCG@10 against nprobe for the built index).
+file(s) (``run.trec``, ``run.rerank.trec``), ``report.md``, ``results.json``,
+``nprobe.png`` (quality against nprobe) and, when it trained,
+``train/loss.png`` and ``train/tensorboard/``.
+
+With ``baseline: true`` the untrained ``model.path`` goes through encode,
+index, search and evaluate first (into ``base/``), so the report compares
+base and fine-tuned side by side.
 
 ``train.task=rerank`` makes the train stage train the reranker (from
 ``reranker.path``); the retrieval stages then use ``model.path`` as it is.
@@ -19,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from raysys.config import Config, ConfigError, to_dict
+from raysys.console import say, scope
+from raysys.contract import EncodingContract
 from raysys.data.readers import BeirFolder
 from raysys.eval import write_metrics
-from raysys.report import plot_nprobe, write_report
+from raysys.report import METRICS, Row, plot_nprobe, write_report
 from raysys.search.retrieve import QueryEncoder
-from raysys.search.runfile import write_run
+from raysys.search.runfile import Run, write_run
 from raysys.stages import (
     encode_stage,
     evaluate_stage,
@@ -37,6 +44,66 @@ from raysys.stages import (
 log = logging.getLogger(__name__)
 
 
+class _Clock:
+    """Per-stage wall-clock seconds, in the order the stages ran."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _retrieval(
+    cfg: Config,
+    stages: list[str],
+    name: str,
+    model: str,
+    contract: EncodingContract | None,
+    out: Path,
+    beir: BeirFolder,
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    clock: _Clock,
+    notes: list[str],
+) -> tuple[Row, Run | None]:
+    """Encode, index, search and evaluate with one model; the row and its run."""
+    label = "" if name in ("fine-tuned", "model") else f"{name} "
+    encoder = QueryEncoder(model, contract)
+    emb_dir, index_dir = out / "encode", out / "index"
+    if "encode" in stages:
+        m = clock.run(
+            label + "encode", encode_stage, cfg, beir.corpus_path, emb_dir, model, contract
+        )
+        skipped = m["corpus"].get("skipped") or {}
+        if skipped and not label:
+            notes.append(f"corpus: skipped {skipped}")
+    if "index" in stages:
+        tune = tuning_queries(cfg, beir, encoder)
+        clock.run(label + "index", index_stage, cfg, emb_dir, index_dir, tune_queries=tune)
+    row = Row(name, {})
+    if "search" not in stages:
+        return row, None
+    result = clock.run(label + "search", search_stage, cfg, index_dir, queries, encoder)
+    write_run(result.run, out / "run.trec")
+    row.index = dict(result.searcher.manifest)
+    if "evaluate" in stages:
+        t0 = time.perf_counter()
+        row.metrics = evaluate_stage(qrels, result.run)
+        points = result.searcher.index.sweep_points(cfg.search.sweep)
+        for nprobe in points:
+            row.sweep.append({"nprobe": nprobe, **evaluate_stage(qrels, result.at_nprobe(nprobe))})
+        if not points:
+            row.sweep.append({"nprobe": 0, **row.metrics})
+        (out / "nprobe_sweep.json").write_text(json.dumps(row.sweep, indent=2))
+        clock.timings[label + "evaluate"] = time.perf_counter() - t0
+    return row, result.run
+
+
 def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,18 +113,42 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
     if not cfg.data.path:
         raise ConfigError("data: set data=PATH to a BEIR folder")
     beir = BeirFolder(Path(cfg.data.path), on_bad_line=cfg.data.on_bad_line)
-    timings: dict[str, float] = {}
-    notes: list[str] = []
+    clock, notes, rows = _Clock(), [], []
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    queries: dict[str, str] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    if "search" in stages:
+        qrels = beir.qrels(cfg.data.split)
+        all_queries = beir.queries()
+        missing = [q for q in qrels if q not in all_queries]
+        if missing:
+            notes.append(f"{len(missing)} qrels queries have no text in queries.jsonl")
+        queries = {q: all_queries[q] for q in qrels if q in all_queries}
 
     model: str = cfg.model.path
     contract = cfg.encoding_contract()
     reranker = cfg.reranker.path
     train_summary = None
+    trains_retriever = "train" in stages and cfg.train.task != "rerank"
+    if cfg.baseline and trains_retriever:
+        with scope("base"):
+            row, _ = _retrieval(
+                cfg,
+                stages,
+                "base",
+                model,
+                contract,
+                out / "base",
+                beir,
+                queries,
+                qrels,
+                clock,
+                notes,
+            )
+        rows.append(row)
     if "train" in stages:
-        t0 = time.perf_counter()
-        outcome = train_stage(cfg, out / "train")
-        timings["train"] = time.perf_counter() - t0
+        outcome = clock.run("train", train_stage, cfg, out / "train")
         if outcome.model_dir is None:
             raise RuntimeError(
                 "training stopped before the end (train.checkpoint.stop_after?); no model to use"
@@ -67,59 +158,46 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
         else:
             model, contract = str(outcome.model_dir), None  # the export carries its contract
         train_summary = outcome
-    encoder = QueryEncoder(model, contract)
-    emb_dir, index_dir = out / "encode", out / "index"
-    if "encode" in stages:
-        t0 = time.perf_counter()
-        m = encode_stage(cfg, beir.corpus_path, emb_dir, model, contract)
-        timings["encode"] = time.perf_counter() - t0
-        skipped = m["corpus"].get("skipped") or {}
-        if skipped:
-            notes.append(f"corpus: skipped {skipped}")
-    if "index" in stages:
-        t0 = time.perf_counter()
-        index_stage(cfg, emb_dir, index_dir, tune_queries=tuning_queries(cfg, beir, encoder))
-        timings["index"] = time.perf_counter() - t0
-    metrics: dict[str, float] = {}
-    sweep: list[dict[str, Any]] = []
-    if "search" in stages:
-        qrels = beir.qrels(cfg.data.split)
-        queries = beir.queries()
-        missing = [q for q in qrels if q not in queries]
-        if missing:
-            notes.append(f"{len(missing)} qrels queries have no text in queries.jsonl")
-        queries = {q: queries[q] for q in qrels if q in queries}
-        t0 = time.perf_counter()
-        result = search_stage(cfg, index_dir, queries, encoder)
-        timings["search"] = time.perf_counter() - t0
-        run = final_run = result.run
-        write_run(run, out / "run.trec")
-        if "rerank" in stages:
-            t0 = time.perf_counter()
-            res = rerank_stage(cfg, run, queries, beir.corpus(), str(reranker))
-            final_run = res.run
-            timings["rerank"] = time.perf_counter() - t0
-            write_run(final_run, out / "run.rerank.trec", tag="raysys-rerank")
-            if res.reranker_only is not None:
-                write_run(res.reranker_only, out / "run.reranker_only.trec", tag="raysys-rerank")
-            if res.report.counts:
-                notes.append(f"rerank: {res.report.summary()}")
+    name = "fine-tuned" if trains_retriever else "model"
+    row, run = _retrieval(
+        cfg, stages, name, model, contract, out, beir, queries, qrels, clock, notes
+    )
+    rows.append(row)
+    if run is not None and "rerank" in stages:
+        res = clock.run("rerank", rerank_stage, cfg, run, queries, beir.corpus(), str(reranker))
+        write_run(res.run, out / "run.rerank.trec", tag="raysys-rerank")
+        if res.reranker_only is not None:
+            write_run(res.reranker_only, out / "run.reranker_only.trec", tag="raysys-rerank")
+        if res.report.counts:
+            notes.append(f"rerank: {res.report.summary()}")
         if "evaluate" in stages:
-            metrics = evaluate_stage(qrels, final_run)
-            write_metrics(metrics, out / "metrics.json")
-            if final_run is not run:
-                first = evaluate_stage(qrels, run)
-                write_metrics(first, out / "metrics_first_stage.json")
-                notes.append(
-                    "first stage (before reranking): "
-                    + ", ".join(f"{k} {v:.4f}" for k, v in first.items())
-                )
-            points = result.searcher.index.sweep_points(cfg.search.sweep)
-            for nprobe in points:
-                sweep.append({"nprobe": nprobe, **evaluate_stage(qrels, result.at_nprobe(nprobe))})
-            if not points:
-                sweep.append({"nprobe": 0, **metrics})
-            plot_nprobe(sweep, out / "nprobe.png", result.searcher.manifest["factory"])
-            (out / "nprobe_sweep.json").write_text(json.dumps(sweep, indent=2))
-    write_report(out, cfg, stages, metrics, sweep, timings, notes, train_summary, index_dir)
+            if res.reranker_only is not None:
+                rows.append(Row("reranker alone", evaluate_stage(qrels, res.reranker_only)))
+            rows.append(Row("reranked", evaluate_stage(qrels, res.run)))
+            write_metrics(row.metrics, out / "metrics_first_stage.json")
+    metrics = rows[-1].metrics
+    if metrics:
+        write_metrics(metrics, out / "metrics.json")
+        plot_nprobe(rows, out / "nprobe.png")
+    report = write_report(out, cfg, stages, rows, clock.timings, notes, train_summary)
+    if metrics:
+        for line in _console_table(rows):
+            say(line)
+    say(f"report: {report}")
     return metrics
+
+
+def _console_table(rows: list[Row]) -> list[str]:
+    """The comparison as aligned plain text (the report has it as Markdown)."""
+    rows = [r for r in rows if r.metrics]
+    width = max(len(r.name) for r in rows) + 10
+    lines = [f"{'':<12}" + "".join(f"{r.name:>{width}}" for r in rows)]
+    for m in METRICS:
+        if not all(m in r.metrics for r in rows):
+            continue
+        base = rows[0].metrics[m]
+        cells = [f"{base:.4f}"] + [
+            f"{r.metrics[m]:.4f} ({r.metrics[m] - base:+.3f})" for r in rows[1:]
+        ]
+        lines.append(f"{m:<12}" + "".join(f"{c:>{width}}" for c in cells))
+    return lines

@@ -18,12 +18,66 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+_STARTED_HERE = False
+
+
 def ensure_ray() -> None:
-    """Connect to Ray (a cluster via RAY_ADDRESS / `ray job submit`), or start one locally."""
+    """Connect to Ray (a cluster via RAY_ADDRESS / `ray job submit`), or start one locally.
+
+    Workers' output is forwarded to the driver (``log_to_driver``), where
+    :func:`raysys.console.session` sends it to the run's log file; Ray Data's
+    own progress bars are off unless the console is verbose (raysys draws
+    one bar per stage).
+    """
+    global _STARTED_HERE
     import ray
+
+    from raysys.console import console
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
+        _STARTED_HERE = True
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = console.verbose
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray that :func:`ensure_ray` started (not a cluster we joined)."""
+    global _STARTED_HERE
+    if not _STARTED_HERE:
+        return
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _STARTED_HERE = False
+
+
+class ProgressChannel:
+    """A Ray actor that carries progress records from workers to the driver.
+
+    Workers call ``put.remote(record)`` without waiting; the driver polls
+    ``take`` (records in order since its last call). Records from one caller
+    arrive in the order they were sent.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def put(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def take(self) -> list[dict[str, Any]]:
+        out, self.records = self.records, []
+        return out
+
+
+def progress_channel() -> Any:
+    """A new :class:`ProgressChannel` actor (Ray must be up)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(ProgressChannel).remote()
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:

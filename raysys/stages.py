@@ -7,6 +7,7 @@ the whole :class:`raysys.config.Config` and reads its own sections.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysys.config import Config
+from raysys.console import Progress, duration, say
 from raysys.contract import EncodingContract
 from raysys.data.readers import BeirFolder
 from raysys.search.retrieve import QueryEncoder, Searcher
@@ -36,7 +38,17 @@ def encode_stage(
     """Encode ``corpus`` into ``out/embeddings`` (``cfg.encode``, ``cfg.data.on_bad_line``)."""
     from raysys.index.encode import encode_corpus
 
-    return encode_corpus(corpus, out, model, contract, cfg.encode, on_bad_line=cfg.data.on_bad_line)
+    t0 = time.perf_counter()
+    m = encode_corpus(corpus, out, model, contract, cfg.encode, on_bad_line=cfg.data.on_bad_line)
+    seconds = time.perf_counter() - t0
+    rows = m["corpus"]["rows"]
+    skipped = m["corpus"].get("skipped") or {}
+    note = f"; skipped {sum(skipped.values())} ({', '.join(skipped)})" if skipped else ""
+    say(
+        f"encode: {rows:,} passages -> {len(m['done'])} shard(s), dim {m['dim']}, in "
+        f"{duration(seconds)} ({rows / max(seconds, 1e-9):,.0f}/s){note}"
+    )
+    return m
 
 
 def embeddings_dir(path: str | Path) -> Path:
@@ -58,7 +70,19 @@ def index_stage(
     reps = read_manifest(emb).get("representations", ["dense"])
     # One representation today; several (dense + sparse) will index side by side.
     rep = get_representation(reps[0])
-    return rep.build_index(emb, Path(out), cfg.index, tune_queries=tune_queries)
+    t0 = time.perf_counter()
+    m = rep.build_index(emb, Path(out), cfg.index, tune_queries=tune_queries)
+    line = (
+        f"index: {m['factory']} over {m['count']:,} vectors in {duration(time.perf_counter() - t0)}"
+    )
+    recalls = m.get("nprobe_recall_at_10") or {}
+    if recalls:
+        line += (
+            f"; default nprobe {m['nprobe']} (recall@10 vs exact {recalls[str(m['nprobe'])]:.3f}, "
+            f"best {max(recalls.values()):.3f})"
+        )
+    say(line)
+    return m
 
 
 @dataclass
@@ -96,10 +120,23 @@ def search_stage(
     s = cfg.search
     searcher = Searcher(index_dir, encoder)
     qids = sorted(queries)
-    qvecs = searcher.encode([queries[q] for q in qids], s.batch_size)
+    bar = Progress("search", len(qids), "queries")
+    parts = []
+    for i in range(0, len(qids), s.batch_size):
+        chunk = qids[i : i + s.batch_size]
+        parts.append(searcher.encode([queries[q] for q in chunk], s.batch_size))
+        bar.update(len(chunk))
+    dim = int(searcher.manifest.get("dim") or 0)
+    qvecs = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
     k = topk or s.topk
     res = SearchResult({}, qids, qvecs, searcher, k, s.drop_self_hits)
     res.run = res.at_nprobe(s.nprobe)
+    nprobe = s.nprobe or searcher.manifest.get("nprobe") or 0
+    bar.close(
+        f"search: {len(qids):,} queries, top {k}"
+        + (f", nprobe {nprobe}" if nprobe else "")
+        + f", in {duration(bar.elapsed)}"
+    )
     return res
 
 
@@ -110,7 +147,14 @@ def rerank_stage(
     returns :class:`raysys.search.rerank.Reranked`."""
     from raysys.search.rerank import rerank_run
 
-    return rerank_run(run, queries, corpus, reranker, cfg.reranker)
+    t0 = time.perf_counter()
+    res = rerank_run(run, queries, corpus, reranker, cfg.reranker)
+    seconds = time.perf_counter() - t0
+    say(
+        f"rerank: top {cfg.reranker.topk} of {len(res.run):,} queries ({res.pairs:,} pairs) in "
+        f"{duration(seconds)} ({res.pairs / max(seconds, 1e-9):.1f} pairs/s)"
+    )
+    return res
 
 
 def evaluate_stage(qrels: dict[str, dict[str, int]], run: Run) -> dict[str, float]:

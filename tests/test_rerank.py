@@ -65,7 +65,7 @@ def test_rerank_stage_keeps_every_candidate(ray_local, tiny_reranker, toy_data):
     rcfg = RerankerConfig(
         path=str(tiny_reranker), topk=10, pool=PoolConfig(batch_size=16, micro_batch=4)
     )
-    out, report, alone = rerank_run(run, queries, corpus, str(tiny_reranker), rcfg)
+    out, report, alone, _ = rerank_run(run, queries, corpus, str(tiny_reranker), rcfg)
     assert alone is None  # weight 1: the reranker alone is the final run
     assert report.counts["queries with no candidates"] == 1
     assert report.counts["candidates missing from the corpus (kept unscored)"] == 1

@@ -70,7 +70,8 @@ def test_zero_stage_trains_and_exports(ray_local, tiny_llama_dir, toy_data, tmp_
     )
     outcome = run_training(cfg, tmp_path / "out")
     losses = [h["loss"] for h in outcome.history]
-    assert outcome.finished and len(losses) == 6
+    # Every step is recorded, whatever log_steps paces.
+    assert outcome.finished and [h["step"] for h in outcome.history] == list(range(1, 31))
     assert losses[-1] < 0.6 * losses[0], losses
     model_dir = outcome.model_dir
     assert model_dir is not None and (model_dir / "raysys_contract.json").is_file()

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysys.config import ConfigError
+from raysys.console import Progress
 from raysys.errors import UserError
 from raysys.index.encode import read_embeddings
 from raysys.index.manifest import read_manifest, write_manifest
@@ -181,7 +182,6 @@ def build_index(
     if factory == "auto":
         factory, chosen = auto_factory(n, dim)
         log.info("index auto: %s for %d vectors of dim %d (%s)", factory, n, dim, chosen)
-        print(f"[raysys] index auto: chose {factory} for {n} vectors of dim {dim}", flush=True)
     metric = faiss.METRIC_INNER_PRODUCT
     try:
         index = faiss.index_factory(dim, factory, metric)
@@ -206,7 +206,7 @@ def build_index(
         if ivf is not None and faiss.get_num_gpus() > 0:
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(dim, metric))
             log.info("training IVF centroids on %d GPU(s)", faiss.get_num_gpus())
-        print(f"[raysys] training {factory} on {len(sample)} vectors", flush=True)
+        log.info("training %s on %d vectors", factory, len(sample))
         index.train(sample)
         if ivf is not None:
             ivf.clustering_index = None
@@ -229,6 +229,12 @@ def build_index(
         add.remote(trained_ref, str(emb_dir), s["name"], int(st), str(parts / f"{i:05d}.faiss"))
         for i, (s, st) in enumerate(zip(shards, starts, strict=True))
     ]
+    bar = Progress("index: add", len(futures), "shards")
+    pending = list(futures)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        bar.update(len(ready))
+    bar.close()
     results = ray.get(futures)
     added = [r[0] for r in results]
     add_peak_mib = max(r[1] for r in results)
@@ -251,10 +257,12 @@ def build_index(
         index, emb_dir, shards, target=recall_target, seed=seed, queries=tune_queries
     )
     if recalls:
-        print(
-            f"[raysys] default nprobe {nprobe}: recall@10 against exact search "
-            f"{recalls[str(nprobe)]:.3f}, {recall_target:.0%} of the best ({max(recalls.values()):.3f})",
-            flush=True,
+        log.info(
+            "default nprobe %d: recall@10 against exact search %.3f, %.0f%% of the best (%.3f)",
+            nprobe,
+            recalls[str(nprobe)],
+            100 * recall_target,
+            max(recalls.values()),
         )
     faiss.write_index(index, str(out / INDEX_FILE))
     shutil.rmtree(parts)

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raysys.console import Progress
 from raysys.contract import ContractError, EncodingContract
 from raysys.data.readers import CORPUS_SCHEMA, DataError, Report, iter_corpus
 from raysys.index.manifest import read_manifest, write_json_atomic, write_manifest
@@ -295,7 +296,8 @@ def _run_encode(
     buffers: dict[str, list[pa.Table]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     total = sum(expected.values())
-    seen, t0, last_log = 0, time.perf_counter(), 0.0
+    n_shards = len(manifest["shards"])
+    bar = Progress("encode", total, "passages")
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for name_path in set(batch.column("path").to_pylist()):
             part = batch.filter(pa.compute.equal(batch.column("path"), name_path))
@@ -309,16 +311,11 @@ def _run_encode(
                 raise RuntimeError(
                     f"shard {name}: got {counts[name]} rows, expected {expected[name]}"
                 )
-        seen += batch.num_rows
-        now = time.perf_counter()
-        if now - last_log > 10 or seen == total:
-            last_log = now
-            rate = seen / max(now - t0, 1e-9)
-            print(
-                f"[raysys] encoded {seen}/{total} passages ({rate:.0f}/s), "
-                f"{len(manifest['done'])}/{len(manifest['shards'])} shards written",
-                flush=True,
-            )
+        bar.update(batch.num_rows, shards=f"{len(manifest['done'])}/{n_shards}")
+    bar.close()
+    log.info(
+        "encoded %d passages in %.1f s (%.0f/s)", bar.n, bar.elapsed, bar.n / max(bar.elapsed, 1e-9)
+    )
     missing = {n: expected[n] - counts[n] for n in expected if n not in manifest["done"]}
     if missing:
         raise RuntimeError(f"encode ended with incomplete shards: {missing}")

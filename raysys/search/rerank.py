@@ -12,12 +12,12 @@ counted and placed first in the tail (kept, never silently dropped).
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raysys.console import Progress
 from raysys.contract import RerankContract
 from raysys.data.readers import Report
 from raysys.models.backbone import cached_tokenizer
@@ -129,18 +129,12 @@ def score_pairs_ray(pairs: pa.Table, model_path: str, pool: Any) -> pa.Table:
         actor_kwargs={"model_path": model_path},
         pool=pool,
     )
-    parts, seen, t0, last = [], 0, time.perf_counter(), 0.0
+    parts = []
+    bar = Progress("rerank", pairs.num_rows, "pairs")
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         parts.append(batch)
-        seen += batch.num_rows
-        now = time.perf_counter()
-        if now - last > 10 or seen == pairs.num_rows:
-            last = now
-            print(
-                f"[raysys] reranked {seen}/{pairs.num_rows} pairs "
-                f"({seen / max(now - t0, 1e-9):.1f}/s)",
-                flush=True,
-            )
+        bar.update(batch.num_rows)
+    bar.close()
     if not parts:
         return pa.table({"qid": [], "docid": [], "score": pa.array([], pa.float64())})
     return pa.concat_tables(parts)
@@ -195,6 +189,7 @@ class Reranked(NamedTuple):
     run: Run
     report: Report
     reranker_only: Run | None
+    pairs: int = 0
 
 
 def rerank_run(
@@ -219,4 +214,4 @@ def rerank_run(
         out = assemble_run(scored, pairs, tails, rcfg.keep_tail, first=run, weight=rcfg.weight)
     if report.counts:
         log.warning("rerank: %s", report.summary())
-    return Reranked(out, report, alone if out is not alone else None)
+    return Reranked(out, report, alone if out is not alone else None, pairs.num_rows)

@@ -10,10 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from raysys.config import Config, to_dict
-from raysys.runtime import ensure_ray, worker_env
+from raysys.console import duration
+from raysys.runtime import ensure_ray, progress_channel, worker_env
+from raysys.train.monitor import TrainMonitor
 from raysys.train.tasks import get_task
 
 log = logging.getLogger(__name__)
+
+LOSS_PNG = "loss.png"
 
 
 @dataclass
@@ -47,9 +51,15 @@ def run_training(cfg: Config, out_dir: str | Path) -> TrainOutcome:
     log.info("training data (%s): %s", t.task, data_summary)
     ensure_ray()
     storage = ck.storage_path or str((out / "ray_storage").resolve())
+    channel = progress_channel()
     trainer = TorchTrainer(
         _train_entry,
-        train_loop_config={"cfg": to_dict(cfg), "data": ray.put(data), "task": task_cls},
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "data": ray.put(data),
+            "task": task_cls,
+            "progress": channel,
+        },
         scaling_config=ScalingConfig(
             num_workers=sc.num_workers,
             use_gpu=sc.use_gpu,
@@ -66,7 +76,12 @@ def run_training(cfg: Config, out_dir: str | Path) -> TrainOutcome:
             worker_runtime_env={"env_vars": worker_env(sc.use_gpu)},
         ),
     )
-    result = trainer.fit()
+    monitor = TrainMonitor(channel, out, desc=f"train ({t.task})", mlflow=t.mlflow)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        monitor.close()
+        raise
     ret = result.return_value or {}
     history = ret.get("history", [])
     model_dir = None
@@ -87,6 +102,11 @@ def run_training(cfg: Config, out_dir: str | Path) -> TrainOutcome:
         "model_dir": str(model_dir) if model_dir else None,
     }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if history:
+        from raysys.report import plot_loss
+
+        plot_loss(history, out / LOSS_PNG, title=f"{t.task}: training loss")
+    monitor.close(_summary_line(t.task, history, ret, monitor.bar.elapsed, model_dir))
     return TrainOutcome(
         model_dir=model_dir,
         history=history,
@@ -95,6 +115,21 @@ def run_training(cfg: Config, out_dir: str | Path) -> TrainOutcome:
         stopped_at=int(ret.get("stopped_at") or 0),
         skipped=data_summary.get("skipped", {}),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+    )
+
+
+def _summary_line(
+    task: str, history: list[dict[str, Any]], ret: dict[str, Any], seconds: float, model: Any
+) -> str:
+    if not history:
+        return f"train ({task}): no steps run"
+    first, last = history[0], history[-1]
+    mean_tok = sum(h["tokens_per_s"] for h in history) / len(history)
+    where = f" -> {model}" if model else " (stopped early: no export)"
+    return (
+        f"train ({task}): {ret.get('stopped_at')}/{ret.get('total_steps')} steps in "
+        f"{duration(seconds)}, loss {first['loss']:.3f} -> {last['loss']:.3f}, "
+        f"{mean_tok:,.0f} tok/s{where}"
     )
 
 

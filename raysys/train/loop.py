@@ -172,12 +172,17 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
                         (Path(d) / EXPORT_DIR / PROBE_FILE).write_text(json.dumps(probe))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
+    progress = config.get("progress") if rank == 0 else None
+    if progress is not None:
+        progress.put.remote(
+            {"event": "start", "start_step": start_step, "total_steps": total_steps}
+        )
     engine.train()
     metrics: dict[str, Any] = {"step": start_step}
-    t0, n_examples, n_tokens = time.perf_counter(), 0, 0
     for step in range(start_step, stop_at):
         if THROTTLE_S:
             time.sleep(THROTTLE_S)
+        t0, n_examples, n_tokens = time.perf_counter(), 0, 0
         step_loss = 0.0
         for k in range(t.grad_accum):
             micro = step * t.grad_accum + k
@@ -188,33 +193,37 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
             n_examples += len(idx)
             n_tokens += batch.num_tokens()
         done = step + 1
-        if done % t.log_steps == 0 or done == stop_at:
-            counts = torch.tensor([n_examples, n_tokens, step_loss], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(counts)
-            elapsed = time.perf_counter() - t0
-            metrics = {
-                "step": done,
-                "total_steps": total_steps,
-                "epoch": (done * t.grad_accum) / micro_per_epoch,
-                "loss": counts[2].item() / world,
-                "lr": scheduler.get_last_lr()[0],
-                "examples_per_s": counts[0].item() / elapsed,
-                "tokens_per_s": counts[1].item() / elapsed,
-            }
-            history.append(metrics)
-            if rank == 0:
-                print(
-                    f"[raysys] step {done}/{total_steps} loss {metrics['loss']:.4f} "
-                    f"lr {metrics['lr']:.2e} {metrics['examples_per_s']:.1f} ex/s "
-                    f"{metrics['tokens_per_s']:.0f} tok/s",
-                    flush=True,
-                )
-            t0, n_examples, n_tokens = time.perf_counter(), 0, 0
+        # Every step is recorded (history, TensorBoard, the driver's bar);
+        # log_steps only paces the log lines and Ray Train's reports.
+        counts = torch.tensor([n_examples, n_tokens, step_loss], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(counts)
+        elapsed = time.perf_counter() - t0
+        metrics = {
+            "step": done,
+            "total_steps": total_steps,
+            "epoch": (done * t.grad_accum) / micro_per_epoch,
+            "loss": counts[2].item() / world,
+            "lr": scheduler.get_last_lr()[0],
+            "examples_per_s": counts[0].item() / elapsed,
+            "tokens_per_s": counts[1].item() / elapsed,
+        }
+        history.append(metrics)
+        if progress is not None:
+            progress.put.remote(metrics)
+        logged = done % t.log_steps == 0 or done == stop_at
+        if rank == 0 and logged:
+            # Worker stdout: forwarded by Ray to the driver's log file.
+            print(
+                f"[raysys] step {done}/{total_steps} loss {metrics['loss']:.4f} "
+                f"lr {metrics['lr']:.2e} {metrics['examples_per_s']:.1f} ex/s "
+                f"{metrics['tokens_per_s']:.0f} tok/s",
+                flush=True,
+            )
         is_last = done == stop_at
         if is_last or (ck.save_steps and done % ck.save_steps == 0):
             save(done, metrics, final=done == total_steps)
-        elif done % t.log_steps == 0:
+        elif logged:
             ray.train.report(metrics)
     return {
         "history": history,

@@ -148,8 +148,11 @@ class TrainConfig:
 class PoolConfig:
     """A Ray Data actor pool that runs a model (encode and rerank)."""
 
-    # Actors (0 = one per GPU when GPUs are used, else 1).
+    # Actors: a fixed pool of this size, or 0: on GPUs an autoscaling pool
+    # (1 .. max_actors, growing as GPU nodes join), on CPUs 1 actor.
     actors: int = 0
+    # Cap of the autoscaling GPU pool (0: no cap).
+    max_actors: int = 0
     use_gpu: bool = False
     cpus_per_actor: float = 1.0
     # Torch threads per CPU actor (0 = the node's cores / actors).

@@ -121,6 +121,24 @@ def set_actor_threads(opts: dict[str, Any]) -> int:
     return threads
 
 
+def pool_strategy(ray: Any, pool: Any) -> tuple[dict[str, int], float, int]:
+    """(``ActorPoolStrategy`` kwargs, CPUs per actor, actors for thread sizing).
+
+    ``pool.actors > 0`` fixes the pool's size. Otherwise a GPU pool
+    autoscales from 1 actor up to ``pool.max_actors`` (0: no cap), so actors
+    are added as GPU nodes join an autoscaling cluster instead of being fixed
+    by the GPUs up at submit time; it starts with as many actors as GPUs are
+    up. A CPU pool keeps a fixed size (see :func:`pool_size`).
+    """
+    if pool.use_gpu and not pool.actors:
+        up = int(ray.cluster_resources().get("GPU", 0))
+        cap = pool.max_actors or None
+        initial = max(1, min(up, cap) if cap else up)
+        return {"min_size": 1, "max_size": cap, "initial_size": initial}, 1.0, initial
+    n, per = pool_size(ray, pool.actors, pool.use_gpu, pool.cpus_per_actor)
+    return {"size": n}, per, n
+
+
 def pool_size(ray: Any, actors: int, use_gpu: bool, cpus_per_actor: float) -> tuple[int, float]:
     """(actors, CPUs per actor) for this cluster; CPU pools leave room for tokenizing.
 
@@ -172,7 +190,7 @@ def tokenize_and_map(
     import ray
 
     batch_size, use_gpu = pool.batch_size, pool.use_gpu
-    n_actors, cpus = pool_size(ray, pool.actors, use_gpu, pool.cpus_per_actor)
+    strategy, cpus, n_actors = pool_strategy(ray, pool)
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = 4 * 1024 * 1024
     ds = ds.map_batches(
@@ -185,7 +203,7 @@ def tokenize_and_map(
     ds = ds.repartition(target_num_rows_per_block=batch_size)
     return ds.map_batches(
         actor,
-        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        compute=ray.data.ActorPoolStrategy(**strategy),
         batch_size=batch_size,
         batch_format="pyarrow",
         fn_constructor_kwargs={

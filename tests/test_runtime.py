@@ -38,3 +38,41 @@ def test_actor_threads_come_from_the_config_else_the_node_cores_per_actor(monkey
         assert set_actor_threads({"actors": 16}) == 1
     finally:
         torch.set_num_threads(before)
+
+
+class _FakeCluster:
+    def __init__(self, cpus: float, gpus: float) -> None:
+        self.res = {"CPU": cpus, "GPU": gpus}
+
+    def cluster_resources(self) -> dict[str, float]:
+        return self.res
+
+
+@pytest.mark.parametrize(
+    ("gpus_up", "actors", "max_actors", "want"),
+    [
+        # No GPU node up yet (autoscaling cluster): still a pool that can grow.
+        (0, 0, 0, {"min_size": 1, "max_size": None, "initial_size": 1}),
+        (4, 0, 0, {"min_size": 1, "max_size": None, "initial_size": 4}),
+        (4, 0, 2, {"min_size": 1, "max_size": 2, "initial_size": 2}),
+        (0, 8, 0, {"size": 8}),  # fixed by the config, whatever is up
+    ],
+)
+def test_gpu_pool_is_not_fixed_by_the_gpus_up_at_submit(gpus_up, actors, max_actors, want):
+    from raysys.config import PoolConfig
+    from raysys.runtime import pool_strategy
+
+    pool = PoolConfig(use_gpu=True, actors=actors, max_actors=max_actors)
+    strategy, cpus, _ = pool_strategy(_FakeCluster(16, gpus_up), pool)
+    assert strategy == want and cpus == 1.0
+
+
+def test_gpu_pool_strategy_is_accepted_by_ray_data():
+    import ray.data
+
+    from raysys.config import PoolConfig
+    from raysys.runtime import pool_strategy
+
+    strategy, _, _ = pool_strategy(_FakeCluster(16, 0), PoolConfig(use_gpu=True))
+    s = ray.data.ActorPoolStrategy(**strategy)
+    assert (s.min_size, s.max_size, s.initial_size) == (1, float("inf"), 1)

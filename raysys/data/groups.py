@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raysys.data.readers import BeirFolder, DataError, Report, iter_records, read_corpus
+from raysys.data.readers import (
+    CORPUS_SCHEMA,
+    BeirFolder,
+    DataError,
+    Report,
+    compact_corpus,
+    iter_records,
+    read_corpus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,11 @@ class TrainingSet:
     positives: list[list[int]]  # corpus rows
     negatives: list[list[int]]
     report: Report
+
+    def __post_init__(self) -> None:
+        # One large_string chunk per column: fetching a batch of passages then
+        # costs O(batch), whatever the corpus size (see compact_corpus).
+        self.corpus = compact_corpus(self.corpus)
 
     def __len__(self) -> int:
         return len(self.query_ids)
@@ -84,13 +97,22 @@ class TrainingSet:
 
 
 class _CorpusBuilder:
-    """Grows a corpus with passages given inline, keeping ids unique."""
+    """Grows a corpus with passages given inline, keeping ids unique.
+
+    The base corpus stays an Arrow table (only its ids become Python objects,
+    to resolve ids to rows); inline passages are appended after it.
+    """
 
     def __init__(self, base: pa.Table | None) -> None:
-        self.ids: list[str] = [] if base is None else base.column("id").to_pylist()
-        self.titles: list[str] = [] if base is None else base.column("title").to_pylist()
-        self.texts: list[str] = [] if base is None else base.column("text").to_pylist()
-        self.row = {pid: i for i, pid in enumerate(self.ids)}
+        self.base = base
+        n_base = 0 if base is None else base.num_rows
+        self.ids: list[str] = []
+        self.titles: list[str] = []
+        self.texts: list[str] = []
+        self.row = (
+            {} if base is None else {p: i for i, p in enumerate(base.column("id").to_pylist())}
+        )
+        self.n_base = n_base
 
     def resolve(self, item: Any, loc: str, report: Report) -> int | None:
         if isinstance(item, (str, int)) and not isinstance(item, bool):
@@ -114,14 +136,21 @@ class _CorpusBuilder:
             if pid in self.row:
                 return self.row[pid]
         pid = str(pid)
-        self.row[pid] = len(self.ids)
+        self.row[pid] = self.n_base + len(self.ids)
         self.ids.append(pid)
         self.titles.append(title)
         self.texts.append(text)
         return self.row[pid]
 
     def table(self) -> pa.Table:
-        return pa.table({"id": self.ids, "title": self.titles, "text": self.texts})
+        added = pa.table(
+            {"id": self.ids, "title": self.titles, "text": self.texts}, schema=CORPUS_SCHEMA
+        )
+        if self.base is None:
+            return added
+        # 64-bit offsets: the base may already be past 2 GiB of text.
+        large = pa.schema([(f.name, pa.large_string()) for f in CORPUS_SCHEMA])
+        return pa.concat_tables([self.base.cast(large), added.cast(large)])
 
 
 def _field(rec: dict[str, Any], names: tuple[str, ...]) -> Any:

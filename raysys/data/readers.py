@@ -25,6 +25,7 @@ from raysys.errors import UserError
 log = logging.getLogger(__name__)
 
 CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
+READ_BATCH_ROWS = 100_000
 ID_FIELDS = ("_id", "id", "docid", "doc_id", "pid", "query_id", "qid")
 TEXT_FIELDS = ("text", "contents", "body", "passage", "query", "query_text")
 
@@ -161,13 +162,48 @@ def iter_corpus(
 def read_corpus(
     path: str | Path, report: Report | None = None, on_bad_line: str = "error"
 ) -> pa.Table:
-    """Read a whole corpus into a table with string columns ``id``, ``title``, ``text``."""
+    """Read a whole corpus into a table with string columns ``id``, ``title``, ``text``.
+
+    Built in record batches of :data:`READ_BATCH_ROWS`, so Python objects for
+    at most one batch exist at a time (the table may have several chunks).
+    """
     report = report if report is not None else Report()
-    rows = list(iter_corpus(path, report, on_bad_line))
+    batches: list[pa.RecordBatch] = []
+    cols: tuple[list[str], list[str], list[str]] = ([], [], [])
+
+    def flush() -> None:
+        batches.append(
+            pa.RecordBatch.from_arrays(
+                [pa.array(c, pa.string()) for c in cols], schema=CORPUS_SCHEMA
+            )
+        )
+        for c in cols:
+            c.clear()
+
+    for row in iter_corpus(path, report, on_bad_line):
+        for c, v in zip(cols, row, strict=True):
+            c.append(v)
+        if len(cols[0]) >= READ_BATCH_ROWS:
+            flush()
+    if cols[0] or not batches:
+        flush()
     if report.counts:
         log.warning("corpus %s: %s", path, report.summary())
-    ids, titles, texts = (list(c) for c in zip(*rows, strict=True)) if rows else ([], [], [])
-    return pa.table({"id": ids, "title": titles, "text": texts}, schema=CORPUS_SCHEMA)
+    return pa.Table.from_batches(batches, schema=CORPUS_SCHEMA)
+
+
+def compact_corpus(table: pa.Table) -> pa.Table:
+    """The corpus with 64-bit-offset (``large_string``) columns of one chunk each.
+
+    A 32-bit-offset string chunk holds at most 2 GiB, so Arrow splits larger
+    corpora into chunks, and ``take`` on a chunked column first concatenates
+    every chunk: a copy of the corpus per call (and "offset overflow" past
+    2 GiB). On one ``large_string`` chunk, ``take`` copies only the rows taken.
+    """
+    arrays = [
+        table.column(name).cast(pa.large_string()).combine_chunks() for name in table.column_names
+    ]
+    return pa.Table.from_arrays(arrays, names=table.column_names)
 
 
 def read_queries(

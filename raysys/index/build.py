@@ -266,7 +266,7 @@ def build_index(
         )
     faiss.write_index(index, str(out / INDEX_FILE))
     shutil.rmtree(parts)
-    ids = [i for s in shards for i in read_embeddings(emb_dir, s["name"])[0]]
+    ids = [i for s in shards for i in _read_ids(emb_dir, s["name"])]
     pq.write_table(pa.table({"id": ids}), out / IDS_FILE)
     manifest = {
         "representation": "dense",
@@ -287,6 +287,11 @@ def build_index(
     }
     write_manifest(out, manifest)
     return manifest
+
+
+def _read_ids(emb_dir: Path, shard: str) -> list[str]:
+    """A shard's ids only (the vectors column is not read)."""
+    return pq.read_table(emb_dir / shard, columns=["id"]).column("id").to_pylist()
 
 
 def _supports_ids(index: faiss.Index) -> bool:

@@ -48,7 +48,8 @@ def candidate_pairs(
             continue
         ranked[qid] = sorted(hits, key=lambda d: (-hits[d], d))
         wanted.update(ranked[qid][:topk])
-    sub = corpus.filter(pc.is_in(corpus.column("id"), pa.array(sorted(wanted), pa.string())))
+    ids = corpus.column("id")
+    sub = corpus.filter(pc.is_in(ids, pa.array(sorted(wanted), ids.type)))
     row = {d: i for i, d in enumerate(sub.column("id").to_pylist())}
     titles, texts = sub.column("title").to_pylist(), sub.column("text").to_pylist()
     cols: dict[str, list[str]] = {k: [] for k in ("qid", "docid", "query", "title", "text")}

@@ -78,3 +78,33 @@ def test_read_corpus_in_batches_and_groups_append_inline_passages(tmp_path, monk
     assert ts.corpus.num_rows == 9
     assert ts.texts(ts.positives[0])[2] == ["passage 3"]
     assert ts.texts(ts.negatives[0]) == (["x1", "d5"], ["", "t5"], ["inline negative", "passage 5"])
+
+
+def test_parquet_corpus_is_read_batch_by_batch(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+    import pytest
+
+    import raysys.data.readers as readers
+    from raysys.data.readers import DataError
+
+    monkeypatch.setattr(readers, "READ_BATCH_ROWS", 2)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    pq.write_table(
+        pa.table({"docid": [1, 2, 3], "title": ["a", "", "c"], "contents": ["x", " ", "z"]}),
+        folder / "part-0.parquet",
+    )
+    pq.write_table(
+        pa.table({"docid": [3, 4], "title": ["dup", "d"], "contents": ["again", "w"]}),
+        folder / "part-1.parquet",
+    )
+    report = Report()
+    table = read_corpus(folder, report)
+    assert table.column("id").to_pylist() == ["1", "3", "4"]
+    assert table.column("text").to_pylist() == ["x", "z", "w"]
+    assert report.counts == {"corpus records with empty text": 1, "duplicate corpus ids": 1}
+    assert report.examples["duplicate corpus ids"] == [f"{folder}:row 3 (id 3)"]
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="not a readable Parquet"):
+        read_corpus(bad)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raysys.errors import UserError
 
@@ -113,12 +112,18 @@ def iter_records(
     if not path.exists():
         raise DataError(f"no such file: {path}")
     if path.suffix == ".parquet" or path.is_dir():
+        # Batch by batch: memory holds one batch of Python records, not the file.
+        import pyarrow.dataset as pads
+
         try:
-            table = pq.read_table(path)
+            batches = pads.dataset(path, format="parquet").to_batches(batch_size=READ_BATCH_ROWS)
+            i = 0
+            for batch in batches:
+                for rec in batch.to_pylist():
+                    yield f"{path}:row {i}", rec
+                    i += 1
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{path}: not a readable Parquet file or folder: {e}") from None
-        for i, rec in enumerate(table.to_pylist()):
-            yield f"{path}:row {i}", rec
     else:
         for lineno, rec in iter_jsonl(path, report, on_bad_line):
             yield f"{path}:{lineno}", rec

@@ -50,8 +50,6 @@ class _Console:
         return self._out or sys.stdout
 
     def is_tty(self) -> bool:
-        if os.environ.get("RAYSYS_PROGRESS") == "tty":
-            return True
         try:
             return self.err.isatty()
         except (AttributeError, ValueError):

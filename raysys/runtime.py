@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,41 @@ class ProgressChannel:
     def take(self) -> list[dict[str, Any]]:
         out, self.records = self.records, []
         return out
+
+
+@contextmanager
+def follow_progress(
+    channel: Any, on_record: Callable[[dict[str, Any]], None], poll_s: float = 0.5
+) -> Iterator[None]:
+    """Call ``on_record`` for each record sent to ``channel`` while the block
+    runs (a driver thread polls it), and once more for what is left after."""
+    import threading
+
+    import ray
+
+    stop = threading.Event()
+
+    def drain() -> None:
+        try:
+            records = ray.get(channel.take.remote(), timeout=30)
+        except Exception as e:  # progress is best-effort
+            log.debug("progress channel: %s", e)
+            return
+        for r in records:
+            on_record(r)
+
+    def loop() -> None:
+        while not stop.wait(poll_s):
+            drain()
+
+    thread = threading.Thread(target=loop, name="raysys-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        drain()
 
 
 def progress_channel() -> Any:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,56 @@ class ProgressChannel:
     def take(self) -> list[dict[str, Any]]:
         out, self.records = self.records, []
         return out
+
+
+class ProgressFollower:
+    """A driver thread that calls ``on_record`` for each record sent to
+    ``channel``, polling every ``poll_s`` seconds until :meth:`stop`, which
+    takes what is left."""
+
+    def __init__(
+        self, channel: Any, on_record: Callable[[dict[str, Any]], None], poll_s: float = 0.5
+    ) -> None:
+        import threading
+
+        self.channel, self.on_record, self.poll_s = channel, on_record, poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="raysys-progress", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.drain()
+
+    def drain(self) -> None:
+        """Take every pending record and hand it on."""
+        import ray
+
+        try:
+            records = ray.get(self.channel.take.remote(), timeout=30)
+        except Exception as e:  # progress is best-effort; the work goes on
+            log.debug("progress channel: %s", e)
+            return
+        for r in records:
+            self.on_record(r)
+
+    def stop(self) -> None:
+        """Stop polling and take what is left."""
+        self._stop.set()
+        self._thread.join()
+        self.drain()
+
+
+@contextmanager
+def follow_progress(
+    channel: Any, on_record: Callable[[dict[str, Any]], None], poll_s: float = 0.5
+) -> Iterator[None]:
+    """Follow ``channel`` (see :class:`ProgressFollower`) while the block runs."""
+    follower = ProgressFollower(channel, on_record, poll_s)
+    try:
+        yield
+    finally:
+        follower.stop()
 
 
 def progress_channel() -> Any:

@@ -5,15 +5,18 @@
    ``shard_size`` rows, each sorted by text length; malformed lines stop the
    run with file and line (or are counted), duplicate ids and empty texts are
    counted and skipped. A rerun on the same source reuses the shards.
-2. **Encode.** Ray Data reads the pending shards, tokenizes them in CPU tasks
-   (sorted by length within each batch, so padding wastes little), and encodes
-   them in a class-based map over an actor pool (1 GPU per actor when GPUs are
-   used). The actor writes the columns of every representation the model
-   produces (:mod:`raysys.representations`; dense: ``emb``, a float32 or
-   float16 vector). The driver writes each shard atomically once all its rows
-   are in, and records it in the manifest.
-3. **Resume.** A rerun skips shards already written; a shard is written whole
-   or not at all, so no id is ever written twice or dropped.
+2. **Encode.** Ray Data hands each pending shard, whole, to an actor of a
+   pool (1 GPU per actor when GPUs are used). The actor reads the prepared
+   shard, tokenizes it, encodes it in micro-batches and writes the columns of
+   every representation the model produces (:mod:`raysys.representations`;
+   dense: ``emb``, a float32 or float16 vector) as one embedding shard,
+   atomically, where it runs. The driver only receives a small row per shard
+   (its name and row count) and records it in the manifest, so its memory
+   does not grow with the corpus. Actors report rows as they go through a
+   progress channel, for the bar.
+3. **Resume.** A rerun skips shards already written (recorded, or complete
+   on disk with the expected rows); a shard is written whole or not at all,
+   so no id is ever written twice or dropped.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from raysys.index.manifest import read_manifest, write_json_atomic, write_manife
 from raysys.models.backbone import cached_tokenizer
 from raysys.representations import get_representation
 from raysys.representations.dense import COLUMN
-from raysys.runtime import ensure_ray, set_actor_threads, tokenize_and_map
+from raysys.runtime import ensure_ray, set_actor_threads
 
 log = logging.getLogger(__name__)
 
@@ -119,29 +122,9 @@ def prepare_corpus(
     return meta
 
 
-def tokenize_batch(batch: pa.Table, model_path: str, contract: dict[str, Any]) -> pa.Table:
-    """Ray Data CPU task: format and tokenize passages, sorted by length."""
-    c = EncodingContract.from_dict(contract)
-    texts = [
-        c.format_passage(t, ti)
-        for t, ti in zip(
-            batch.column("text").to_pylist(), batch.column("title").to_pylist(), strict=True
-        )
-    ]
-    ids = c.token_ids(cached_tokenizer(model_path), texts, "passage")
-    lengths = np.array([len(x) for x in ids])
-    order = np.argsort(-lengths, kind="stable")
-    return pa.table(
-        {
-            "id": batch.column("id").take(pa.array(order)),
-            "path": batch.column("path").take(pa.array(order)),
-            "input_ids": pa.array([ids[i] for i in order], pa.list_(pa.int32())),
-        }
-    )
-
-
-class EncodeActor:
-    """Ray Data actor: holds the model and turns token ids into representations."""
+class EncodeShardActor:
+    """Ray Data actor: holds the model; each call encodes whole prepared
+    shards and writes their embedding shards (see the module docstring)."""
 
     def __init__(
         self,
@@ -149,7 +132,9 @@ class EncodeActor:
         contract: dict[str, Any],
         representations: list[str],
         dtype: str,
+        emb_dir: str,
         opts: dict[str, Any],
+        progress: Any = None,
     ) -> None:
         import torch
 
@@ -158,24 +143,34 @@ class EncodeActor:
 
         set_actor_threads(opts)
         self.device = "cuda" if opts.get("use_gpu") and torch.cuda.is_available() else "cpu"
-        model, self.tok = load_embedder(
-            model_path, self.device, EncodingContract.from_dict(contract)
-        )
+        self.contract = EncodingContract.from_dict(contract)
+        model, self.tok = load_embedder(model_path, self.device, self.contract)
         self.model = maybe_quantize(model, opts, self.device)
+        self.model_path = model_path
         self.reps = [get_representation(r) for r in representations]
         self.bf16 = bool(opts.get("bf16"))
         self.micro = int(opts.get("micro_batch", 32))
         self.dtype = dtype
+        self.emb_dir = Path(emb_dir)
+        self.progress = progress
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def encode_shard(self, source: str) -> pa.Table:
+        """id plus the representation columns of one prepared shard."""
         import torch
 
-        if THROTTLE_S:
-            time.sleep(THROTTLE_S)
-        ids = batch.column("input_ids").to_pylist()
+        shard = pq.read_table(source)
+        texts = [
+            self.contract.format_passage(t, ti)
+            for t, ti in zip(
+                shard.column("text").to_pylist(), shard.column("title").to_pylist(), strict=True
+            )
+        ]
+        ids = self.contract.token_ids(cached_tokenizer(self.model_path), texts, "passage")
         outs: dict[str, list[Any]] = defaultdict(list)
         with torch.inference_mode():
             for i in range(0, len(ids), self.micro):
+                if THROTTLE_S:
+                    time.sleep(THROTTLE_S)
                 enc = EncodingContract.pad(self.tok, ids[i : i + self.micro])
                 with torch.autocast(
                     self.device, dtype=torch.bfloat16, enabled=self.bf16 and self.device == "cpu"
@@ -185,10 +180,24 @@ class EncodeActor:
                     )
                 for name, value in rep.items():
                     outs[name].append(value.float().cpu().numpy())
-        cols: dict[str, Any] = {"id": batch.column("id"), "path": batch.column("path")}
+                if self.progress is not None:
+                    self.progress.put.remote({"rows": len(ids[i : i + self.micro])})
+        cols: dict[str, Any] = {"id": shard.column("id")}
         for r in self.reps:
             cols.update(r.to_columns(np.concatenate(outs[r.name]), self.dtype))
         return pa.table(cols)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names, rows, dims = [], [], []
+        for name, source in zip(batch["name"], batch["source"], strict=True):
+            table = self.encode_shard(str(source))
+            write_shard_file(self.emb_dir, str(name), table)
+            names.append(str(name))
+            rows.append(table.num_rows)
+            dims.append(
+                table.schema.field(COLUMN).type.list_size if COLUMN in table.column_names else 0
+            )
+        return {"name": np.array(names), "rows": np.array(rows), "dim": np.array(dims)}
 
 
 def encode_corpus(
@@ -263,6 +272,13 @@ def _resume_manifest(
         )
     old.setdefault("representations", ["dense"])  # manifests before representations
     old["done"] = [n for n in old.get("done", []) if (emb_dir / n).is_file()]
+    # An actor writes its shard (atomically) before the driver records it: a
+    # run killed in between leaves complete shards that are not yet recorded.
+    for s in old["shards"]:
+        f = emb_dir / s["name"]
+        if s["name"] not in old["done"] and f.is_file():
+            if pq.ParquetFile(f).metadata.num_rows == s["rows"]:
+                old["done"].append(s["name"])
     if old["done"]:
         log.info("resuming: %d of %d shards already encoded", len(old["done"]), len(old["shards"]))
     return old
@@ -278,47 +294,53 @@ def _run_encode(
     pending: list[dict[str, Any]],
     manifest: dict[str, Any],
 ) -> None:
-    paths = [str((out / CORPUS_DIR / s["name"]).resolve()) for s in pending]
-    expected = {Path(p).name: s["rows"] for p, s in zip(paths, pending, strict=True)}
-    ds = tokenize_and_map(
-        ray.data.read_parquet(paths, include_paths=True),
-        tokenize=tokenize_batch,
-        tokenize_kwargs={"model_path": model_path, "contract": contract.to_dict()},
-        actor=EncodeActor,
-        actor_kwargs={
+    import dataclasses
+
+    from raysys.runtime import follow_progress, pool_strategy, progress_channel
+
+    expected = {s["name"]: s["rows"] for s in pending}
+    items = [
+        {"name": s["name"], "source": str((out / CORPUS_DIR / s["name"]).resolve())}
+        for s in pending
+    ]
+    strategy, cpus, n_actors = pool_strategy(ray, enc.pool)
+    channel = progress_channel()
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        EncodeShardActor,
+        compute=ray.data.ActorPoolStrategy(**strategy),
+        batch_size=1,
+        batch_format="numpy",
+        fn_constructor_kwargs={
             "model_path": model_path,
             "contract": contract.to_dict(),
             "representations": manifest["representations"],
             "dtype": enc.dtype,
+            "emb_dir": str(emb_dir.resolve()),
+            "opts": {**dataclasses.asdict(enc.pool), "actors": n_actors},
+            "progress": channel,
         },
-        pool=enc.pool,
+        num_cpus=cpus,
+        num_gpus=1 if enc.pool.use_gpu else 0,
     )
-    buffers: dict[str, list[pa.Table]] = defaultdict(list)
-    counts: dict[str, int] = defaultdict(int)
-    total = sum(expected.values())
     n_shards = len(manifest["shards"])
-    bar = Progress("encode", total, "passages")
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for name_path in set(batch.column("path").to_pylist()):
-            part = batch.filter(pa.compute.equal(batch.column("path"), name_path))
-            name = Path(name_path).name
-            keep = [c for c in part.column_names if c != "path"]
-            buffers[name].append(part.select(keep))
-            counts[name] += part.num_rows
-            if counts[name] == expected[name]:
-                _write_shard(emb_dir, name, buffers.pop(name), manifest)
-            elif counts[name] > expected[name]:
-                raise RuntimeError(
-                    f"shard {name}: got {counts[name]} rows, expected {expected[name]}"
-                )
-        bar.update(batch.num_rows, shards=f"{len(manifest['done'])}/{n_shards}")
+    bar = Progress("encode", sum(expected.values()), "passages")
+    with follow_progress(channel, lambda r: bar.update(r["rows"])):
+        for row in ds.iter_rows():
+            name, rows = str(row["name"]), int(row["rows"])
+            if rows != expected[name]:
+                raise RuntimeError(f"shard {name}: encoded {rows} rows, expected {expected[name]}")
+            if manifest["dim"] is None and int(row["dim"]):
+                manifest["dim"] = int(row["dim"])
+            manifest["done"].append(name)
+            write_manifest(emb_dir, manifest)
+            bar.update(0, shards=f"{len(manifest['done'])}/{n_shards}")
     bar.close()
+    missing = sorted(set(expected) - set(manifest["done"]))
+    if missing:
+        raise RuntimeError(f"encode ended with shards not written: {missing}")
     log.info(
         "encoded %d passages in %.1f s (%.0f/s)", bar.n, bar.elapsed, bar.n / max(bar.elapsed, 1e-9)
     )
-    missing = {n: expected[n] - counts[n] for n in expected if n not in manifest["done"]}
-    if missing:
-        raise RuntimeError(f"encode ended with incomplete shards: {missing}")
 
 
 def _as_fixed_list(col: pa.ChunkedArray | pa.Array) -> pa.FixedSizeListArray:
@@ -334,22 +356,15 @@ def _as_fixed_list(col: pa.ChunkedArray | pa.Array) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), arr.shape[1])
 
 
-def _write_shard(emb_dir: Path, name: str, parts: list[pa.Table], manifest: dict[str, Any]) -> None:
-    # Ray may hand dense vectors back as its tensor type: store plain Arrow.
-    parts = [
-        p.set_column(p.schema.get_field_index(COLUMN), COLUMN, _as_fixed_list(p.column(COLUMN)))
-        if COLUMN in p.column_names
-        else p
-        for p in parts
-    ]
-    table = pa.concat_tables(parts)
-    if manifest["dim"] is None and COLUMN in table.column_names:
-        manifest["dim"] = table.schema.field(COLUMN).type.list_size
+def write_shard_file(emb_dir: Path, name: str, table: pa.Table) -> None:
+    """Write one embedding shard atomically (aside, then renamed)."""
+    if COLUMN in table.column_names:
+        # Ray may hand dense vectors back as its tensor type: store plain Arrow.
+        i = table.schema.get_field_index(COLUMN)
+        table = table.set_column(i, COLUMN, _as_fixed_list(table.column(COLUMN)))
     tmp = emb_dir / f"{name}.tmp{os.getpid()}"
     pq.write_table(table, tmp)
     os.replace(tmp, emb_dir / name)
-    manifest["done"].append(name)
-    write_manifest(emb_dir, manifest)
 
 
 def read_embeddings(emb_dir: str | Path, shard: str) -> tuple[list[str], np.ndarray]:

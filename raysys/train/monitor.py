@@ -10,11 +10,11 @@ the workers run on other nodes.
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
 from raysys.console import Progress
+from raysys.runtime import ProgressFollower
 
 log = logging.getLogger(__name__)
 
@@ -39,34 +39,19 @@ class TrainMonitor:
         self._writer: Any = None
         self._mlflow: Any = None
         self._want_mlflow = mlflow
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="raysys-train-monitor", daemon=True)
-        self._thread.start()
+        self._follower = ProgressFollower(channel, self._record, poll_s)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            self.drain()
-
-    def drain(self) -> None:
-        """Take every pending record and show/write it."""
-        import ray
-
-        try:
-            records = ray.get(self.channel.take.remote(), timeout=30)
-        except Exception as e:  # the channel is best-effort; training goes on
-            log.debug("progress channel: %s", e)
+    def _record(self, r: dict[str, Any]) -> None:
+        if r.get("event") == "start":
+            self._start(int(r["start_step"]), int(r["total_steps"]))
             return
-        for r in records:
-            if r.get("event") == "start":
-                self._start(int(r["start_step"]), int(r["total_steps"]))
-                continue
-            self.records.append(r)
-            self.bar.update(1, loss=r["loss"], **{"tok/s": int(r["tokens_per_s"])})
-            if self._writer is not None:
-                for k in SCALARS:
-                    self._writer.add_scalar(f"train/{k}", r[k], r["step"])
-            if self._mlflow is not None:
-                self._mlflow.log({k: float(r[k]) for k in SCALARS}, int(r["step"]))
+        self.records.append(r)
+        self.bar.update(1, loss=r["loss"], **{"tok/s": int(r["tokens_per_s"])})
+        if self._writer is not None:
+            for k in SCALARS:
+                self._writer.add_scalar(f"train/{k}", r[k], r["step"])
+        if self._mlflow is not None:
+            self._mlflow.log({k: float(r[k]) for k in SCALARS}, int(r["step"]))
 
     def _start(self, start_step: int, total_steps: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -92,9 +77,7 @@ class TrainMonitor:
 
     def close(self, summary: str | None = None) -> None:
         """Stop polling, take what is left, close the writers; print ``summary``."""
-        self._stop.set()
-        self._thread.join()
-        self.drain()
+        self._follower.stop()
         if self._writer is not None:
             self._writer.close()
         if self._mlflow is not None:

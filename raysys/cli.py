@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from raysys.config import ConfigError, load_config
-from raysys.console import result, say, session
+from raysys.console import LOG_FILE, result, say, session
 from raysys.errors import UserError
+from raysys.storage import CACHE_ROOT, is_uri, parent, resolve
 
 log = logging.getLogger("raysys")
 _args: argparse.Namespace | None = None
@@ -34,20 +35,37 @@ def _session(folder: str | Path | None) -> Iterator[None]:
     if not verbose:
         # Loading bars of the hub and transformers would only clutter the log.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    with session(folder, verbose) as path:
-        if path is not None and not verbose:
-            say(f"raysys {_args.verb if _args else ''}: logs in {path} (--verbose shows them)")
-        try:
-            yield
-        except UserError:
-            raise
-        except BaseException:
-            logging.getLogger("raysys.console").error("the run failed", exc_info=True)
-            raise
-        finally:
-            from raysys.runtime import shutdown_ray
+    remote = folder is not None and is_uri(folder)
+    # A remote output folder gets its log at the end; it is written locally first.
+    log_dir = _local_log_dir(str(folder)) if remote else folder
+    try:
+        with session(log_dir, verbose) as path:
+            if path is not None and not verbose:
+                where = f"{path}, then {folder}/{LOG_FILE}" if remote else path
+                say(f"raysys {_args.verb if _args else ''}: logs in {where} (--verbose shows them)")
+            try:
+                yield
+            except UserError:
+                raise
+            except BaseException:
+                logging.getLogger("raysys.console").error("the run failed", exc_info=True)
+                raise
+            finally:
+                from raysys.runtime import shutdown_ray
 
-            shutdown_ray()
+                shutdown_ray()
+    finally:
+        if remote and (Path(log_dir) / LOG_FILE).is_file():
+            try:
+                resolve(folder).join(LOG_FILE).upload(Path(log_dir) / LOG_FILE)
+            except OSError as e:
+                log.warning("could not copy the log to %s: %s", folder, e)
+
+
+def _local_log_dir(uri: str) -> Path:
+    import hashlib
+
+    return CACHE_ROOT.parent / "logs" / hashlib.sha1(uri.encode()).hexdigest()[:16]
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
@@ -97,7 +115,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     if not corpus:
         raise ConfigError("give --corpus or data=PATH")
     with _session(args.out):
-        m = encode_stage(cfg, corpus, Path(args.out), cfg.model.path, cfg.encoding_contract())
+        m = encode_stage(cfg, corpus, args.out, cfg.model.path, cfg.encoding_contract())
     result(
         json.dumps(
             {
@@ -117,7 +135,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     cfg = load_config(_config_path(args), args.overrides)
     with _session(args.out):
-        m = index_stage(cfg, args.embeddings, Path(args.out))
+        m = index_stage(cfg, args.embeddings, args.out)
     result(json.dumps({k: m[k] for k in ("factory", "count", "dim", "nprobe", "ondisk")}, indent=2))
     return 0
 
@@ -130,7 +148,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     cfg = load_config(_config_path(args), args.overrides)
     queries = read_queries(args.queries, on_bad_line=cfg.data.on_bad_line)
-    with _session(Path(args.run).parent):
+    with _session(parent(args.run)):
         encoder = QueryEncoder(cfg.model.path, cfg.encoding_contract())
         res = search_stage(cfg, args.index, queries, encoder)
         path = write_run(res.run, args.run)
@@ -174,7 +192,7 @@ def _cmd_mine(args: argparse.Namespace) -> int:
             flags.append(f"mine.{name}={value}")
     # Flags win over the config file and over key=value overrides.
     cfg = load_config(_config_path(args), [*args.overrides, *flags])
-    with _session(Path(args.out).parent):
+    with _session(parent(args.out)):
         summary = mine(cfg, args.out)
     result(json.dumps(summary, indent=2))
     return 0
@@ -192,14 +210,14 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
     run = read_run(args.run)
     queries = read_queries(args.queries, on_bad_line=bad)
     corpus = read_corpus(corpus_path(args.corpus), on_bad_line=bad)
-    with _session(Path(args.out).parent):
+    with _session(parent(args.out)):
         res = rerank_stage(cfg, run, queries, corpus, cfg.reranker.path)
         write_run(res.run, args.out, tag="raysys-rerank")
         written = {"out": args.out}
         if res.reranker_only is not None:
             # Interpolated: keep the reranker's own ranking too (weights can
             # then be compared without scoring again).
-            alone = str(Path(args.out).with_suffix("")) + ".reranker_only.trec"
+            alone = args.out.removesuffix(".trec") + ".reranker_only.trec"
             write_run(res.reranker_only, alone, tag="raysys-rerank")
             written["reranker_only"] = alone
     result(json.dumps({"queries": len(res.run), **written, **res.report.to_dict()}, indent=2))

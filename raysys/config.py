@@ -169,6 +169,9 @@ class PoolConfig:
     int8: bool = False
     int8_per_channel: bool = True
     int8_ffn_down_fp32: bool = False
+    # Custom Ray resources each actor asks for, e.g. {encode_node: 1}, to put
+    # the pool on the nodes that advertise them.
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -196,7 +199,14 @@ class IndexConfig:
     # them, else corpus vectors) reaches this share of the best recall any
     # nprobe gives (the codes cap it).
     recall_target: float = 0.99
+    # Tuning's bounded cost: nprobe doubles from 1 while recall@10 still
+    # gains more than `tune_plateau`, and never scans more than this share
+    # of the inverted lists.
+    tune_max_scan: float = 0.25
+    tune_plateau: float = 0.002
     seed: int = 0
+    # Custom Ray resources each add task asks for (see encode.pool.resources).
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,10 +231,12 @@ class MineConfig:
     # Negatives per query, drawn with a per-query seed.
     n: int = 30
     seed: int = 42
-    # An existing index of the corpus; else the corpus is encoded and indexed
-    # with `factory` under <out>.work/.
+    # An existing index of the corpus; else the corpus is encoded under
+    # <out>.work/ and searched exactly shard by shard in Ray tasks ("exact":
+    # memory one shard per task, no index), or indexed with this FAISS
+    # factory string.
     index: str | None = None
-    factory: str = "Flat"
+    factory: str = "exact"
     # False-negative filter: drop candidates the reranker scores at or above
     # (the query's lowest positive - margin). Both or neither.
     reranker: str | None = None

@@ -8,6 +8,8 @@ from pathlib import Path
 import ir_measures
 from ir_measures import RR, R, nDCG
 
+from raysys.storage import Location, resolve
+
 # Our stable key names -> ir-measures measures.
 METRICS = {
     "nDCG@10": nDCG @ 10,
@@ -32,7 +34,8 @@ def evaluate(
     return {name: sum(v.values()) / max(1, len(v)) for name, v in per_query.items()}
 
 
-def write_metrics(metrics: dict[str, float], path: str | Path) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
-    return path
+def write_metrics(metrics: dict[str, float], path: str | Path | Location) -> Location:
+    """Write ``metrics`` as JSON to a local path or a storage URI."""
+    loc = resolve(path)
+    loc.write_text(json.dumps(metrics, indent=2) + "\n")
+    return loc

@@ -40,6 +40,7 @@ from raysys.stages import (
     train_stage,
     tuning_queries,
 )
+from raysys.storage import Location, resolve
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def _retrieval(
     name: str,
     model: str,
     contract: EncodingContract | None,
-    out: Path,
+    out: Location,
     beir: BeirFolder,
     queries: dict[str, str],
     qrels: dict[str, dict[str, int]],
@@ -74,7 +75,7 @@ def _retrieval(
     """Encode, index, search and evaluate with one model; the row and its run."""
     label = "" if name in ("fine-tuned", "model") else f"{name} "
     encoder = QueryEncoder(model, contract)
-    emb_dir, index_dir = out / "encode", out / "index"
+    emb_dir, index_dir = out.join("encode"), out.join("index")
     if "encode" in stages:
         m = clock.run(
             label + "encode", encode_stage, cfg, beir.corpus_path, emb_dir, model, contract
@@ -89,7 +90,7 @@ def _retrieval(
     if "search" not in stages:
         return row, None
     result = clock.run(label + "search", search_stage, cfg, index_dir, queries, encoder)
-    write_run(result.run, out / "run.trec")
+    write_run(result.run, out.join("run.trec"))
     row.index = dict(result.searcher.manifest)
     if "evaluate" in stages:
         t0 = time.perf_counter()
@@ -99,14 +100,16 @@ def _retrieval(
             row.sweep.append({"nprobe": nprobe, **evaluate_stage(qrels, result.at_nprobe(nprobe))})
         if not points:
             row.sweep.append({"nprobe": 0, **row.metrics})
-        (out / "nprobe_sweep.json").write_text(json.dumps(row.sweep, indent=2))
+        out.join("nprobe_sweep.json").write_text(json.dumps(row.sweep, indent=2))
         clock.timings[label + "evaluate"] = time.perf_counter() - t0
     return row, result.run
 
 
-def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def run_pipeline(cfg: Config, out_dir: str | Path | Location) -> dict[str, Any]:
+    """Run the configured stages into ``out_dir`` (a local folder or a storage
+    URI); returns the final metrics."""
+    out = resolve(out_dir)
+    out.mkdir()
     stages = list(cfg.stages)
     if not cfg.train.enabled and "train" in stages:
         stages.remove("train")
@@ -114,7 +117,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
         raise ConfigError("data: set data=PATH to a BEIR folder")
     beir = BeirFolder(Path(cfg.data.path), on_bad_line=cfg.data.on_bad_line)
     clock, notes, rows = _Clock(), [], []
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    out.join("config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = {}
@@ -139,7 +142,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
                 "base",
                 model,
                 contract,
-                out / "base",
+                out.join("base"),
                 beir,
                 queries,
                 qrels,
@@ -148,7 +151,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
             )
         rows.append(row)
     if "train" in stages:
-        outcome = clock.run("train", train_stage, cfg, out / "train")
+        outcome = clock.run("train", train_stage, cfg, out.join("train"))
         if outcome.model_dir is None:
             raise RuntimeError(
                 "training stopped before the end (train.checkpoint.stop_after?); no model to use"
@@ -165,20 +168,20 @@ def run_pipeline(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
     rows.append(row)
     if run is not None and "rerank" in stages:
         res = clock.run("rerank", rerank_stage, cfg, run, queries, beir.corpus(), str(reranker))
-        write_run(res.run, out / "run.rerank.trec", tag="raysys-rerank")
+        write_run(res.run, out.join("run.rerank.trec"), tag="raysys-rerank")
         if res.reranker_only is not None:
-            write_run(res.reranker_only, out / "run.reranker_only.trec", tag="raysys-rerank")
+            write_run(res.reranker_only, out.join("run.reranker_only.trec"), tag="raysys-rerank")
         if res.report.counts:
             notes.append(f"rerank: {res.report.summary()}")
         if "evaluate" in stages:
             if res.reranker_only is not None:
                 rows.append(Row("reranker alone", evaluate_stage(qrels, res.reranker_only)))
             rows.append(Row("reranked", evaluate_stage(qrels, res.run)))
-            write_metrics(row.metrics, out / "metrics_first_stage.json")
+            write_metrics(row.metrics, out.join("metrics_first_stage.json"))
     metrics = rows[-1].metrics
     if metrics:
-        write_metrics(metrics, out / "metrics.json")
-        plot_nprobe(rows, out / "nprobe.png")
+        write_metrics(metrics, out.join("metrics.json"))
+        plot_nprobe(rows, out.join("nprobe.png"))
     report = write_report(out, cfg, stages, rows, clock.timings, notes, train_summary)
     if metrics:
         for line in _console_table(rows):

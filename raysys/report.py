@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raysys.storage import Location, resolve
+
 METRICS = ("nDCG@10", "MRR@10", "Recall@100", "Recall@1000")
 
 
@@ -30,7 +32,18 @@ def _plt() -> Any:
     return plt
 
 
-def plot_loss(history: list[dict[str, Any]], path: Path, title: str = "training loss") -> None:
+def _save(fig: Any, path: str | Path | Location) -> None:
+    """A figure as PNG, to a local path or a storage URI."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    resolve(path).write_bytes(buf.getvalue())
+
+
+def plot_loss(
+    history: list[dict[str, Any]], path: str | Path | Location, title: str = "training loss"
+) -> None:
     """Loss (and learning rate, right axis) against the optimizer step."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -53,11 +66,11 @@ def plot_loss(history: list[dict[str, Any]], path: Path, title: str = "training 
         ax2.plot(steps, [h["lr"] for h in history], color="tab:gray", alpha=0.5, lw=1)
         ax2.set_ylabel("learning rate", color="tab:gray")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
-def plot_nprobe(rows: list[Row], path: Path) -> None:
+def plot_nprobe(rows: list[Row], path: str | Path | Location) -> None:
     """Recall@100 and nDCG@10 against nprobe, one pair of curves per system."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -87,7 +100,7 @@ def plot_nprobe(rows: list[Row], path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -106,14 +119,14 @@ def comparison_table(rows: list[Row]) -> list[str]:
 
 
 def write_report(
-    out: Path,
+    out: Location,
     cfg: Any,
     stages: list[str],
     rows: list[Row],
     timings: dict[str, float],
     notes: list[str],
     train: Any,
-) -> Path:
+) -> Location:
     """Write ``out/report.md``: settings, the comparison table, the training
     curve, the nprobe sweep, timings and notes."""
     lines = ["# raysys pipeline report", ""]
@@ -132,11 +145,11 @@ def write_report(
         lines.append(
             f"- training: {train.stopped_at}/{train.total_steps} steps, "
             f"loss {h[0]['loss']:.4f} -> {h[-1]['loss']:.4f}; TensorBoard: "
-            f"`tensorboard --logdir {out / 'train' / 'tensorboard'}`"
+            f"`tensorboard --logdir {out.join('train', 'tensorboard')}`"
         )
     if rows:
         lines += ["", "## Results", ""] + comparison_table(rows)
-    if train is not None and train.history and (out / "train" / "loss.png").is_file():
+    if train is not None and train.history and out.join("train", "loss.png").is_file():
         lines += ["", "## Training", "", "![training loss](train/loss.png)"]
     swept = [r for r in rows if len(r.sweep) > 1]
     if swept:
@@ -157,9 +170,9 @@ def write_report(
     lines.append(f"| total | {sum(timings.values()):.1f} |")
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    path = out / "report.md"
+    path = out.join("report.md")
     path.write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(
+    out.join("results.json").write_text(
         json.dumps(
             {"rows": [{"name": r.name, "metrics": r.metrics} for r in rows], "timings": timings},
             indent=2,

@@ -21,6 +21,7 @@ from raysys.contract import EncodingContract
 from raysys.data.readers import BeirFolder
 from raysys.search.retrieve import QueryEncoder, Searcher
 from raysys.search.runfile import Run
+from raysys.storage import Location, resolve
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,11 @@ def train_stage(cfg: Config, out: Path) -> Any:
 
 
 def encode_stage(
-    cfg: Config, corpus: str | Path, out: Path, model: str, contract: EncodingContract | None
+    cfg: Config,
+    corpus: str | Path | Location,
+    out: str | Path | Location,
+    model: str,
+    contract: EncodingContract | None,
 ) -> dict[str, Any]:
     """Encode ``corpus`` into ``out/embeddings`` (``cfg.encode``, ``cfg.data.on_bad_line``)."""
     from raysys.index.encode import encode_corpus
@@ -51,16 +56,19 @@ def encode_stage(
     return m
 
 
-def embeddings_dir(path: str | Path) -> Path:
+def embeddings_dir(path: str | Path | Location) -> Location:
     """The embeddings folder of an encode output folder (or the folder itself)."""
     from raysys.index.encode import EMB_DIR
 
-    p = Path(path)
-    return p / EMB_DIR if (p / EMB_DIR).is_dir() else p
+    loc = resolve(path)
+    return loc.join(EMB_DIR) if loc.join(EMB_DIR).is_dir() else loc
 
 
 def index_stage(
-    cfg: Config, embeddings: str | Path, out: Path, tune_queries: np.ndarray | None = None
+    cfg: Config,
+    embeddings: str | Path | Location,
+    out: str | Path | Location,
+    tune_queries: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Build the index of each representation in ``embeddings`` (``cfg.index``)."""
     from raysys.index.manifest import read_manifest
@@ -71,7 +79,7 @@ def index_stage(
     # One representation today; several (dense + sparse) will index side by side.
     rep = get_representation(reps[0])
     t0 = time.perf_counter()
-    m = rep.build_index(emb, Path(out), cfg.index, tune_queries=tune_queries)
+    m = rep.build_index(emb, resolve(out), cfg.index, tune_queries=tune_queries)
     line = (
         f"index: {m['factory']} over {m['count']:,} vectors in {duration(time.perf_counter() - t0)}"
     )
@@ -79,7 +87,7 @@ def index_stage(
     if recalls:
         line += (
             f"; default nprobe {m['nprobe']} (recall@10 vs exact {recalls[str(m['nprobe'])]:.3f}, "
-            f"best {max(recalls.values()):.3f})"
+            f"best {max(recalls.values()):.3f}; tuned in {duration(m['tuning']['seconds'])})"
         )
     say(line)
     return m
@@ -110,7 +118,7 @@ class SearchResult:
 
 def search_stage(
     cfg: Config,
-    index_dir: str | Path,
+    index_dir: str | Path | Location,
     queries: dict[str, str],
     encoder: QueryEncoder,
     *,
@@ -121,13 +129,7 @@ def search_stage(
     searcher = Searcher(index_dir, encoder)
     qids = sorted(queries)
     bar = Progress("search", len(qids), "queries")
-    parts = []
-    for i in range(0, len(qids), s.batch_size):
-        chunk = qids[i : i + s.batch_size]
-        parts.append(searcher.encode([queries[q] for q in chunk], s.batch_size))
-        bar.update(len(chunk))
-    dim = int(searcher.manifest.get("dim") or 0)
-    qvecs = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+    qvecs = _encode_queries(encoder, queries, qids, s.batch_size, bar)
     k = topk or s.topk
     res = SearchResult({}, qids, qvecs, searcher, k, s.drop_self_hits)
     res.run = res.at_nprobe(s.nprobe)
@@ -138,6 +140,48 @@ def search_stage(
         + f", in {duration(bar.elapsed)}"
     )
     return res
+
+
+def _encode_queries(
+    encoder: QueryEncoder, queries: dict[str, str], qids: list[str], batch: int, bar: Progress
+) -> np.ndarray:
+    parts = []
+    for i in range(0, len(qids), batch):
+        chunk = qids[i : i + batch]
+        parts.append(encoder.encode([queries[q] for q in chunk], batch))
+        bar.update(len(chunk))
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def exact_search_stage(
+    cfg: Config,
+    embeddings: str | Path | Location,
+    queries: dict[str, str],
+    encoder: QueryEncoder,
+    *,
+    topk: int | None = None,
+) -> Run:
+    """Exact search over embedding shards, no index (Ray tasks, one shard each;
+    ``cfg.search``, ``cfg.index.resources``)."""
+    from raysys.contract import check_compatible
+    from raysys.index.manifest import read_manifest
+    from raysys.search.exact import exact_search
+
+    s = cfg.search
+    emb = embeddings_dir(embeddings)
+    embedder, _ = encoder.get()
+    check_compatible(EncodingContract.from_dict(read_manifest(emb)["contract"]), embedder.contract)
+    qids = sorted(queries)
+    bar = Progress("encode queries", len(qids), "queries")
+    qvecs = _encode_queries(encoder, queries, qids, s.batch_size, bar)
+    bar.close()
+    k = topk or s.topk
+    t0 = time.perf_counter()
+    run = exact_search(
+        emb, qids, qvecs, topk=k, drop_self_hits=s.drop_self_hits, resources=cfg.index.resources
+    )
+    say(f"exact search: {len(qids):,} queries, top {k}, in {duration(time.perf_counter() - t0)}")
+    return run
 
 
 def rerank_stage(
@@ -177,10 +221,10 @@ def tuning_queries(cfg: Config, beir: BeirFolder, encoder: QueryEncoder) -> np.n
     return encoder.encode([queries[q] for q in qids])
 
 
-def corpus_path(path: str | Path) -> Path:
-    """A corpus file, or a BEIR folder's ``corpus.jsonl``."""
-    p = Path(path)
-    return p / "corpus.jsonl" if p.is_dir() else p
+def corpus_path(path: str | Path | Location) -> Location:
+    """A corpus file, or a BEIR folder's ``corpus.jsonl`` (paths or URIs)."""
+    loc = resolve(path)
+    return loc.join("corpus.jsonl") if loc.is_dir() else loc
 
 
 __all__ = [
@@ -189,6 +233,7 @@ __all__ = [
     "embeddings_dir",
     "encode_stage",
     "evaluate_stage",
+    "exact_search_stage",
     "index_stage",
     "rerank_stage",
     "search_stage",

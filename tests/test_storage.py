@@ -4,37 +4,9 @@ environment variables."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
 from raysys.storage import resolve
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket="raysys-test")
-    yield endpoint
-    server.stop()
-
-
-@pytest.fixture
-def aws_env(s3_server, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
 
 
 def _roundtrip(root):
@@ -61,3 +33,36 @@ def test_local_paths(tmp_path):
 def test_s3_uri_through_the_aws_environment(aws_env):
     loc = _roundtrip("s3://raysys-test/prefix")
     assert loc.is_remote and str(loc.join("run")) == "s3://raysys-test/prefix/run"
+
+
+def test_parquet_and_upload_roundtrip(aws_env, tmp_path):
+    import pyarrow as pa
+
+    loc = resolve("s3://raysys-test/pq")
+    table = pa.table({"id": ["a", "b"], "x": [1, 2]})
+    loc.join("t.parquet").write_parquet(table)
+    assert loc.join("t.parquet").parquet_rows() == 2
+    assert loc.join("t.parquet").read_parquet(columns=["id"]).column("id").to_pylist() == ["a", "b"]
+    src = tmp_path / "tree"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("A")
+    (src / "sub" / "b.txt").write_text("B")
+    loc.join("tree").upload(src)
+    assert loc.join("tree").listdir() == ["a.txt", "sub"]
+
+
+def test_local_copy_of_a_model_uri_is_fetched_once_per_change(aws_env, tmp_path, monkeypatch):
+    import raysys.storage as storage
+    from raysys.models.hub import resolve_model
+
+    monkeypatch.setattr(storage, "CACHE_ROOT", tmp_path / "cache")
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text('{"v": 1}')
+    uri = "s3://raysys-test/models/m"
+    resolve(uri).upload(src)
+    local = resolve_model(uri)
+    assert (tmp_path / "cache") in Path(local).parents
+    assert (Path(local) / "config.json").read_text() == '{"v": 1}'
+    resolve(uri).join("config.json").write_text('{"v": 22}')  # changed: fetched again
+    assert (Path(resolve_model(uri)) / "config.json").read_text() == '{"v": 22}'

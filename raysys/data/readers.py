@@ -71,8 +71,13 @@ def iter_jsonl(
     raises :class:`DataError` naming file and line, or with
     ``on_bad_line="skip"`` is counted in ``report``.
     """
-    path = Path(path)
-    with path.open("rb") as f:
+    import io
+
+    from raysys.storage import resolve
+
+    loc = resolve(path)
+    path = loc.uri
+    with io.BufferedReader(loc.fs.open_input_stream(loc.path)) as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -107,16 +112,21 @@ def _bad_line(msg: str, report: Report | None, on_bad_line: str) -> None:
 def iter_records(
     path: str | Path, report: Report | None = None, on_bad_line: str = "error"
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``(location, record)`` from a JSONL or Parquet file."""
-    path = Path(path)
-    if not path.exists():
+    """Yield ``(location, record)`` from a JSONL or Parquet file (a local
+    path or a storage URI)."""
+    from raysys.storage import resolve
+
+    loc = resolve(path)
+    path = loc.uri
+    if not loc.exists():
         raise DataError(f"no such file: {path}")
-    if path.suffix == ".parquet" or path.is_dir():
+    if loc.path.endswith(".parquet") or loc.is_dir():
         # Batch by batch: memory holds one batch of Python records, not the file.
         import pyarrow.dataset as pads
 
         try:
-            batches = pads.dataset(path, format="parquet").to_batches(batch_size=READ_BATCH_ROWS)
+            dataset = pads.dataset(loc.path, format="parquet", filesystem=loc.fs)
+            batches = dataset.to_batches(batch_size=READ_BATCH_ROWS)
             i = 0
             for batch in batches:
                 for rec in batch.to_pylist():

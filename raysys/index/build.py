@@ -1,43 +1,55 @@
-"""Build a FAISS index from embedding shards.
+"""Build a FAISS index from embedding shards, in two passes over them.
 
 - The factory string is any FAISS ``index_factory`` string, or ``auto``: IVF-PQ
   with ``nlist`` and the PQ code size chosen from the vector count and
   dimension (the choice is logged and saved in the manifest).
-- The index is trained on a seeded sample; a sample below 39 x nlist is warned
-  about. Centroid training runs on the GPU when faiss-gpu sees one.
-- Each shard is added in its own Ray task into a copy of the trained empty
-  index (ids are global row numbers), written to disk, and merged: in memory
-  (``merge_from``) or into on-disk inverted lists for large corpora. No step
-  holds more than one shard's vectors, so peak memory is bounded by shard
-  size, not corpus size (plus the compressed codes of the final index).
-- Saved: ``index.faiss``, ``ids.parquet`` (row number -> document id) and
-  ``manifest.json`` (contract, factory string, counts, default nprobe).
+- **Pass 1** draws a seeded sample: the training vectors, and the corpus
+  vectors that stand in as tuning queries when no real (held-out) query
+  vectors are given. The index is trained on it (a sample below 39 x nlist is
+  warned about; centroid training runs on the GPU when faiss-gpu sees one).
+- **Pass 2**: each shard is added in its own Ray task into a copy of the
+  trained empty index (ids are global row numbers); the same task finds the
+  tuning queries' exact top 10 in its shard and returns its ids, so neither
+  tuning nor the id list reads the embeddings again. Parts are written next
+  to the index (any storage URI) and merged: in memory (``merge_from``) or
+  into on-disk inverted lists for large corpora. No step holds more than one
+  shard's vectors, so peak memory is one shard plus the codes.
+- **Tuning** the default nprobe has a bounded cost: nprobe doubles while
+  recall@10 against exact search still gains, and never scans more than
+  ``index.tune_max_scan`` of the lists.
+- Saved: ``index.faiss`` (plus ``lists.ivfdata`` on disk), ``ids.parquet``
+  (row number -> document id) and ``manifest.json`` (contract, factory
+  string, counts, default nprobe, tuning cost, passes over the embeddings).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raysys.config import ConfigError
 from raysys.console import Progress
 from raysys.errors import UserError
 from raysys.index.encode import read_embeddings
 from raysys.index.manifest import read_manifest, write_manifest
+from raysys.storage import Location, local_copy, resolve
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
+LISTS_FILE = "lists.ivfdata"
+PARTS_DIR = "parts"
 ONDISK_AUTO_THRESHOLD = 5_000_000
+TUNE_K = 10
 
 
 def auto_factory(n: int, dim: int) -> tuple[str, dict[str, Any]]:
@@ -59,61 +71,80 @@ def auto_factory(n: int, dim: int) -> tuple[str, dict[str, Any]]:
     return f"IVF{nlist},PQ{m}x{nbits}np", {"nlist": nlist, "pq_m": m, "pq_nbits": nbits}
 
 
+def exact_topk(
+    queries: np.ndarray, vecs: np.ndarray, start: int, k: int = TUNE_K
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's top ``k`` (scores, global row numbers) within one shard."""
+    scores = queries @ vecs.T
+    kk = min(k, scores.shape[1])
+    top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+    return np.take_along_axis(scores, top, 1), top.astype(np.int64) + start
+
+
+def merge_topk(
+    best: tuple[np.ndarray, np.ndarray], part: tuple[np.ndarray, np.ndarray], k: int = TUNE_K
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` of two per-query candidate lists."""
+    cand_s = np.concatenate([best[0], part[0]], axis=1)
+    cand_i = np.concatenate([best[1], part[1]], axis=1)
+    order = np.argsort(-cand_s, axis=1)[:, :k]
+    return np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+
+
 def tune_nprobe(
     index: faiss.Index,
-    emb_dir: Path,
-    shards: list[dict[str, Any]],
+    queries: np.ndarray,
+    exact: np.ndarray,
     *,
     target: float = 0.99,
-    k: int = 10,
-    n_queries: int = 500,
-    seed: int = 0,
-    queries: np.ndarray | None = None,
-) -> tuple[int, dict[str, float]]:
-    """Smallest nprobe whose recall@k against exact search reaches ``target``
-    times the best recall any nprobe reaches (the ceiling the codes allow).
+    max_scan: float = 0.25,
+    plateau: float = 0.002,
+    k: int = TUNE_K,
+) -> tuple[int, dict[str, float], dict[str, Any]]:
+    """Smallest nprobe whose recall@k against the ``exact`` neighbours reaches
+    ``target`` times the best recall seen (the codes cap recall whatever the
+    nprobe).
 
-    Queries are real (held-out, e.g. training-split) query vectors when given,
-    else a sample of corpus vectors, which sit closer to the centroids and so
-    under-state the nprobe real queries need. Their exact neighbours come from
-    a pass over the shards (one shard in memory at a time). Returns (nprobe,
-    recall by nprobe).
+    nprobe doubles from 1 and stops once recall gains at most ``plateau``, at
+    recall 1, or before scanning more than ``max_scan`` of the lists: the cost
+    is bounded by a few searches of ``max_scan`` of the codes. Returns
+    (nprobe, recall by nprobe, how tuning went).
     """
     ivf = _ivf(index)
     if ivf is None:
-        return 0, {}
-    if queries is None:
-        queries = _sample(emb_dir, shards, n_queries, seed + 1)
-    queries = np.ascontiguousarray(queries[:n_queries], dtype=np.float32)
-    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    best_i = np.full((len(queries), k), -1, dtype=np.int64)
-    start = 0
-    for s in shards:
-        _, vecs = read_embeddings(emb_dir, s["name"])
-        scores = queries @ vecs.T
-        kk = min(k, scores.shape[1])
-        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-        cand_s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], axis=1)
-        cand_i = np.concatenate([best_i, top + start], axis=1)
-        order = np.argsort(-cand_s, axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
-        start += s["rows"]
+        return 0, {}, {}
+    t0 = time.perf_counter()
+    cap = max(1, min(ivf.nlist, int(max_scan * ivf.nlist)))
     recalls: dict[str, float] = {}
-    nprobe = 1
+    nprobe, prev, stop = 1, -1.0, "cap"
     while True:
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
         _, got = index.search(queries, k)
-        hit = [len(set(g) & set(e)) / k for g, e in zip(got, best_i, strict=True)]
-        recalls[str(nprobe)] = float(np.mean(hit))
-        if nprobe >= ivf.nlist:
+        hit = [len(set(g) & set(e)) / k for g, e in zip(got, exact, strict=True)]
+        r = float(np.mean(hit))
+        recalls[str(nprobe)] = r
+        if r >= 1.0:
+            stop = "recall 1"
             break
-        nprobe = min(ivf.nlist, nprobe * 2)
-    # The codes cap recall whatever the nprobe: aim at a share of that ceiling.
+        if prev >= 0 and r - prev <= plateau:
+            stop = "plateau"
+            break
+        if nprobe >= cap:
+            stop = "all lists" if cap == ivf.nlist else "scan cap"
+            break
+        prev, nprobe = r, min(cap, nprobe * 2)
     ceiling = max(recalls.values())
     chosen = next(int(p) for p, r in recalls.items() if r >= target * ceiling)
     if ceiling < 0.9:
         log.warning("recall@%d against exact search is at most %.3f: codes too coarse?", k, ceiling)
-    return chosen, recalls
+    info = {
+        "seconds": round(time.perf_counter() - t0, 3),
+        "queries": len(queries),
+        "stopped_by": stop,
+        "max_nprobe": cap,
+        "max_scan_share": round(cap / ivf.nlist, 4),
+    }
+    return chosen, recalls, info
 
 
 def _ivf(index: faiss.Index) -> Any:
@@ -123,38 +154,69 @@ def _ivf(index: faiss.Index) -> Any:
         return None
 
 
-def _sample(emb_dir: Path, shards: list[dict[str, Any]], size: int, seed: int) -> np.ndarray:
+def _sample(emb_dir: Any, shards: list[dict[str, Any]], size: int, seed: int) -> np.ndarray:
+    """``size`` vectors drawn with ``seed`` (one pass; shards with no drawn row are skipped)."""
+    return _draw(emb_dir, shards, [(size, seed)])[0]
+
+
+def _draw(
+    emb_dir: Any, shards: list[dict[str, Any]], wanted: list[tuple[int, int]]
+) -> list[np.ndarray]:
+    """Seeded samples of the vectors, one per ``(size, seed)``, in one pass."""
     total = sum(s["rows"] for s in shards)
-    rng = np.random.default_rng(seed)
-    take = np.sort(rng.choice(total, size=min(size, total), replace=False))
-    out, start = [], 0
+    picks = [
+        np.sort(np.random.default_rng(seed).choice(total, size=min(size, total), replace=False))
+        for size, seed in wanted
+    ]
+    take = np.unique(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
+    found: dict[int, np.ndarray] = {}
+    start = 0
     for s in shards:
-        local = take[(take >= start) & (take < start + s["rows"])] - start
+        local = take[(take >= start) & (take < start + s["rows"])]
         if len(local):
             _, vecs = read_embeddings(emb_dir, s["name"])
-            out.append(vecs[local])
+            for row, v in zip(local, vecs[local - start], strict=True):
+                found[int(row)] = v
         start += s["rows"]
-    return np.concatenate(out)
+    dim = next(iter(found.values())).shape[0] if found else 0
+    return [
+        np.stack([found[int(r)] for r in p]) if len(p) else np.zeros((0, dim), np.float32)
+        for p in picks
+    ]
 
 
 def _add_shard(
-    trained: bytes, emb_dir: str, shard: str, start: int, out_path: str
-) -> tuple[int, float]:
-    """Ray task: add one shard's vectors (ids = global row numbers) to a copy of the
-    trained index; returns (rows, peak RSS of the task's process in MiB)."""
+    trained: bytes,
+    emb_dir: str,
+    shard: str,
+    start: int,
+    part: str,
+    queries: np.ndarray | None,
+) -> dict[str, Any]:
+    """Ray task: read one shard once; add its vectors (ids = global row
+    numbers) to a copy of the trained index, written to ``part``; find the
+    tuning queries' exact top k in it. Returns the shard's ids, the top k,
+    the task's peak RSS (MiB) and its node."""
     import resource
 
+    import ray
+
     index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
-    _, vecs = read_embeddings(emb_dir, shard)
-    ids = np.arange(start, start + len(vecs), dtype=np.int64)
-    index.add_with_ids(vecs, ids)
-    faiss.write_index(index, out_path)
-    return len(vecs), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ids, vecs = read_embeddings(emb_dir, shard)
+    index.add_with_ids(vecs, np.arange(start, start + len(vecs), dtype=np.int64))
+    resolve(part).write_bytes(faiss.serialize_index(index).tobytes())
+    top = exact_topk(queries, vecs, start) if queries is not None and len(queries) else None
+    return {
+        "ids": pa.array(ids, pa.string()),
+        "top": top,
+        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "node": ray.get_runtime_context().get_node_id(),
+    }
 
 
 def build_index(
-    emb_dir: str | Path,
-    out_dir: str | Path,
+    emb_dir: str | Path | Location,
+    out_dir: str | Path | Location,
     icfg: Any,
     *,
     tune_queries: np.ndarray | None = None,
@@ -162,15 +224,15 @@ def build_index(
     """Build, merge and save the index; returns its manifest.
 
     ``icfg`` is a :class:`raysys.config.IndexConfig`; ``tune_queries`` are
-    held-out query vectors for tuning the default nprobe.
+    held-out query vectors for tuning the default nprobe. Both folders may be
+    local paths or storage URIs.
     """
     import ray
 
     from raysys.runtime import ensure_ray
 
-    factory, train_sample, seed = icfg.factory, icfg.train_sample, icfg.seed
-    ondisk, recall_target = icfg.ondisk, icfg.recall_target
-    emb_dir, out = Path(emb_dir), Path(out_dir)
+    factory, seed = icfg.factory, icfg.seed
+    emb_dir, out = resolve(emb_dir), resolve(out_dir)
     emb = read_manifest(emb_dir)
     if not emb.get("complete"):
         raise UserError(
@@ -191,44 +253,68 @@ def build_index(
         ) from e
     if not _supports_ids(index):
         index = faiss.IndexIDMap2(index)
+    ivf = _ivf(index)
+    use_ondisk = icfg.ondisk == "true" or (icfg.ondisk == "auto" and n > ONDISK_AUTO_THRESHOLD)
+    if use_ondisk and ivf is None:
+        raise ConfigError("index.ondisk=true needs an IVF index (index.factory IVF...)")
 
+    # Pass 1: the training sample and, without real queries, corpus vectors
+    # as tuning queries (they sit closer to the centroids than real queries,
+    # so they under-state the nprobe real queries need).
+    passes = 0
+    nlist = ivf.nlist if ivf is not None else 0
+    train_size = 0
     if not index.is_trained:
-        ivf = _ivf(index)
-        nlist = ivf.nlist if ivf is not None else 0
-        size = train_sample or min(n, max(39 * nlist, 10_000))
-        if size < 39 * nlist:
+        train_size = icfg.train_sample or min(n, max(39 * nlist, 10_000))
+        if train_size < 39 * nlist:
             log.warning(
                 "training sample %d is below 39 x nlist = %d: centroids will be poor",
-                size,
+                train_size,
                 39 * nlist,
             )
-        sample = _sample(emb_dir, shards, size, seed)
-        if ivf is not None and faiss.get_num_gpus() > 0:
-            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(dim, metric))
-            log.info("training IVF centroids on %d GPU(s)", faiss.get_num_gpus())
-        log.info("training %s on %d vectors", factory, len(sample))
-        index.train(sample)
-        if ivf is not None:
-            ivf.clustering_index = None
+    n_tune = 500 if ivf is not None and tune_queries is None else 0
+    queries = None if ivf is None else tune_queries
+    if train_size or n_tune:
+        # Tuning queries drawn apart from the training sample (seed + 1).
+        sample, corpus_queries = _draw(emb_dir, shards, [(train_size, seed), (n_tune, seed + 1)])
+        passes += 1
+        if n_tune:
+            queries = corpus_queries
+        if train_size:
+            if ivf is not None and faiss.get_num_gpus() > 0:
+                ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(dim, metric))
+                log.info("training IVF centroids on %d GPU(s)", faiss.get_num_gpus())
+            log.info("training %s on %d vectors", factory, len(sample))
+            index.train(sample)
+            if ivf is not None:
+                ivf.clustering_index = None
+        del sample
+    if queries is not None:
+        queries = np.ascontiguousarray(queries[:500], dtype=np.float32)
+        if not len(queries):
+            queries = None
 
-    out.mkdir(parents=True, exist_ok=True)
-    parts = out / "parts"
-    shutil.rmtree(parts, ignore_errors=True)
-    parts.mkdir()
+    # Pass 2: add, exact neighbours of the tuning queries, ids.
+    out.mkdir()
+    parts = out.join(PARTS_DIR)
+    parts.delete()
     ensure_ray()
     trained = faiss.serialize_index(index)
-    # Merge into a round-tripped copy: the parts come back from disk with the
-    # concrete classes FAISS deserialises to (IndexFlatIP, not IndexFlat).
+    # Merge into a round-tripped copy: the parts come back with the concrete
+    # classes FAISS deserialises to (IndexFlatIP, not IndexFlat).
     index = faiss.deserialize_index(trained)
     trained_ref = ray.put(trained.tobytes())
+    queries_ref = ray.put(queries)
     # One fresh process per shard: its memory goes back to the OS when done,
     # and its peak RSS is that shard's alone.
-    add = ray.remote(num_cpus=1, max_calls=1)(_add_shard)
+    add = ray.remote(num_cpus=1, max_calls=1, resources=dict(icfg.resources) or None)(_add_shard)
     starts = np.cumsum([0] + [s["rows"] for s in shards])[:-1]
+    part_locs = [parts.join(f"{i:05d}.faiss") for i in range(len(shards))]
     futures = [
-        add.remote(trained_ref, str(emb_dir), s["name"], int(st), str(parts / f"{i:05d}.faiss"))
-        for i, (s, st) in enumerate(zip(shards, starts, strict=True))
+        add.remote(trained_ref, emb_dir.portable, s["name"], int(st), loc.portable, queries_ref)
+        for s, st, loc in zip(shards, starts, part_locs, strict=True)
     ]
+    passes += 1
     bar = Progress("index: add", len(futures), "shards")
     pending = list(futures)
     while pending:
@@ -236,38 +322,64 @@ def build_index(
         bar.update(len(ready))
     bar.close()
     results = ray.get(futures)
-    added = [r[0] for r in results]
-    add_peak_mib = max(r[1] for r in results)
-    part_files = [str(parts / f"{i:05d}.faiss") for i in range(len(shards))]
-    use_ondisk = ondisk == "true" or (ondisk == "auto" and n > ONDISK_AUTO_THRESHOLD)
-    if use_ondisk and _ivf(index) is None:
-        raise ConfigError("index.ondisk=true needs an IVF index (index.factory IVF...)")
-    if use_ondisk:
-        from faiss.contrib.ondisk import merge_ondisk
-
-        merge_ondisk(index, part_files, str(out / "lists.ivfdata"))
-    else:
-        for f in part_files:
-            part = faiss.read_index(f)
-            _merge(index, part)
-            del part
-    if index.ntotal != n:
-        raise RuntimeError(f"merged index holds {index.ntotal} vectors, expected {n}")
-    nprobe, recalls = tune_nprobe(
-        index, emb_dir, shards, target=recall_target, seed=seed, queries=tune_queries
-    )
-    if recalls:
-        log.info(
-            "default nprobe %d: recall@10 against exact search %.3f, %.0f%% of the best (%.3f)",
-            nprobe,
-            recalls[str(nprobe)],
-            100 * recall_target,
-            max(recalls.values()),
+    ids = pa.chunked_array([r["ids"] for r in results], pa.string())
+    if len(ids) != n:
+        raise RuntimeError(f"the add tasks read {len(ids)} ids, expected {n}")
+    exact = None
+    if queries is not None:
+        exact = (
+            np.full((len(queries), TUNE_K), -np.inf, np.float32),
+            np.full((len(queries), TUNE_K), -1, np.int64),
         )
-    faiss.write_index(index, str(out / INDEX_FILE))
-    shutil.rmtree(parts)
-    ids = [i for s in shards for i in _read_ids(emb_dir, s["name"])]
-    pq.write_table(pa.table({"id": ids}), out / IDS_FILE)
+        for r in results:
+            exact = merge_topk(exact, r["top"])
+
+    with tempfile.TemporaryDirectory(prefix="raysys-index-") as tmp:
+        stage = out.local_path or Path(tmp)
+        if use_ondisk:
+            from faiss.contrib.ondisk import merge_ondisk
+
+            local_parts = local_copy(parts)
+            merge_ondisk(
+                index, [str(local_parts / loc.name) for loc in part_locs], str(stage / LISTS_FILE)
+            )
+        else:
+            for loc in part_locs:
+                part = faiss.deserialize_index(np.frombuffer(loc.read_bytes(), dtype=np.uint8))
+                _merge(index, part)
+                del part
+        if index.ntotal != n:
+            raise RuntimeError(f"merged index holds {index.ntotal} vectors, expected {n}")
+        nprobe, recalls, tuning = (0, {}, {})
+        if exact is not None:
+            nprobe, recalls, tuning = tune_nprobe(
+                index,
+                queries,
+                exact[1],
+                target=icfg.recall_target,
+                max_scan=icfg.tune_max_scan,
+                plateau=icfg.tune_plateau,
+            )
+            log.info(
+                "default nprobe %d: recall@10 against exact search %.3f, %.0f%% of the best (%.3f);"
+                " tuning took %.1f s (%s)",
+                nprobe,
+                recalls[str(nprobe)],
+                100 * icfg.recall_target,
+                max(recalls.values()),
+                tuning["seconds"],
+                tuning["stopped_by"],
+            )
+        faiss.write_index(index, str(stage / INDEX_FILE))
+        if out.is_remote:
+            out.join(INDEX_FILE).upload(stage / INDEX_FILE)
+            if use_ondisk:
+                out.join(LISTS_FILE).upload(stage / LISTS_FILE)
+    parts.delete()
+    out.join(IDS_FILE).write_parquet(pa.table({"id": ids}))
+    nodes: dict[str, int] = {}
+    for r in results:
+        nodes[r["node"]] = nodes.get(r["node"], 0) + 1
     manifest = {
         "representation": "dense",
         "contract": emb["contract"],
@@ -278,20 +390,18 @@ def build_index(
         "metric": "inner_product",
         "nprobe": nprobe,
         "nprobe_recall_at_10": recalls,
-        "nprobe_tuned_on": "held-out queries" if tune_queries is not None else "corpus vectors",
+        "nprobe_tuned_on": ("held-out queries" if tune_queries is not None else "corpus vectors"),
+        "tuning": tuning,
         "ondisk": use_ondisk,
-        "shard_rows": [int(a) for a in added],
-        "add_task_peak_rss_mib": round(add_peak_mib, 1),
-        "embeddings": str(emb_dir.resolve()),
+        "embedding_passes": passes,
+        "shard_rows": [len(r["ids"]) for r in results],
+        "add_task_peak_rss_mib": round(max(r["rss_mib"] for r in results), 1),
+        "add_task_nodes": nodes,
+        "embeddings": emb_dir.portable,
         "corpus": emb["corpus"],
     }
     write_manifest(out, manifest)
     return manifest
-
-
-def _read_ids(emb_dir: Path, shard: str) -> list[str]:
-    """A shard's ids only (the vectors column is not read)."""
-    return pq.read_table(emb_dir / shard, columns=["id"]).column("id").to_pylist()
 
 
 def _supports_ids(index: faiss.Index) -> bool:
@@ -307,11 +417,14 @@ def _merge(into: faiss.Index, part: faiss.Index) -> None:
     into.ntotal = ivf_into.ntotal
 
 
-def load_index(index_dir: str | Path) -> tuple[faiss.Index, list[str], dict[str, Any]]:
-    """(index, row-number -> id list, manifest)."""
-    d = Path(index_dir)
-    manifest = read_manifest(d)
-    flags = faiss.IO_FLAG_MMAP if manifest.get("ondisk") else 0
+def load_index(
+    index_dir: str | Path | Location,
+) -> tuple[faiss.Index, list[str], dict[str, Any]]:
+    """(index, row-number -> id list, manifest). A remote index is copied to
+    the local cache first (on-disk lists are memory-mapped from there)."""
+    manifest = read_manifest(index_dir)
+    d = local_copy(index_dir)
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_ONDISK_SAME_DIR if manifest.get("ondisk") else 0
     index = faiss.read_index(str(d / INDEX_FILE), flags)
-    ids = pq.read_table(d / IDS_FILE).column("id").to_pylist()
+    ids = resolve(d / IDS_FILE).read_parquet().column("id").to_pylist()
     return index, ids, manifest

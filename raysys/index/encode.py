@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,16 +30,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
 
 from raysys.console import Progress
 from raysys.contract import ContractError, EncodingContract
 from raysys.data.readers import CORPUS_SCHEMA, DataError, Report, iter_corpus
-from raysys.index.manifest import read_manifest, write_json_atomic, write_manifest
+from raysys.index.manifest import read_manifest, write_manifest
 from raysys.models.backbone import cached_tokenizer
+from raysys.models.hub import resolve_model
 from raysys.representations import get_representation
 from raysys.representations.dense import COLUMN
 from raysys.runtime import ensure_ray, set_actor_threads
+from raysys.storage import Location, is_uri, resolve
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,14 @@ CORPUS_DIR = "corpus"
 EMB_DIR = "embeddings"
 
 
-def _source_fingerprint(src: Path, shard_size: int, max_docs: int) -> dict[str, Any]:
-    if not src.is_file():
+def _source_fingerprint(src: Location, shard_size: int, max_docs: int) -> dict[str, Any]:
+    info = src.info()
+    if info.type != pafs.FileType.File:
         raise DataError(f"no such corpus file: {src}")
-    st = src.stat()
     return {
-        "path": str(src.resolve()),
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
+        "path": src.portable,
+        "size": info.size,
+        "mtime_ns": info.mtime_ns,
         "shard_size": shard_size,
         "max_docs": max_docs,
         "layout": 2,  # 2: rows sorted by text length inside each shard
@@ -65,41 +66,41 @@ def _source_fingerprint(src: Path, shard_size: int, max_docs: int) -> dict[str, 
 
 
 def prepare_corpus(
-    src: str | Path,
-    work: str | Path,
+    src: str | Path | Location,
+    work: str | Path | Location,
     shard_size: int,
     *,
     on_bad_line: str = "error",
     max_docs: int = 0,
 ) -> dict[str, Any]:
-    """Validate the corpus and split it into Parquet shards under ``work/corpus``."""
-    src = Path(src)
+    """Validate the corpus and split it into Parquet shards under ``work/corpus``
+    (both may be local paths or storage URIs)."""
+    src = resolve(src)
     if src.is_dir():
-        src = src / "corpus.jsonl"
-    out = Path(work) / CORPUS_DIR
-    meta_path = out / "prepared.json"
+        src = src.join("corpus.jsonl")
+    out = resolve(work).join(CORPUS_DIR)
+    meta_path = out.join("prepared.json")
     fp = _source_fingerprint(src, shard_size, max_docs)
     if meta_path.is_file():
-        import json
-
-        meta = json.loads(meta_path.read_text())
+        meta = meta_path.read_json()
         if meta.get("source") == fp:
             return meta
         log.info("corpus source changed since it was prepared; preparing again")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    for name in out.listdir():
+        out.join(name).delete()
+    out.mkdir()
     report = Report()
     shards: list[dict[str, Any]] = []
     buf: list[tuple[str, str, str]] = []
 
     def flush() -> None:
         name = f"part-{len(shards):05d}.parquet"
-        # Longest first inside the shard: consecutive rows (one Ray Data batch)
+        # Longest first inside the shard: consecutive rows (one micro-batch)
         # then have similar lengths, so padding wastes little compute.
         buf.sort(key=lambda r: -(len(r[1]) + len(r[2])))
         cols = list(zip(*buf, strict=True))
         table = pa.table([pa.array(c, pa.string()) for c in cols], schema=CORPUS_SCHEMA)
-        pq.write_table(table, out / name)
+        out.join(name).write_parquet(table)
         shards.append({"name": name, "rows": len(buf)})
         buf.clear()
 
@@ -118,7 +119,7 @@ def prepare_corpus(
     if report.counts:
         log.warning("corpus %s: %s", src, report.summary())
     meta = {"source": fp, "rows": total, "shards": shards, **report.to_dict()}
-    write_json_atomic(meta_path, meta)
+    meta_path.write_json(meta)
     return meta
 
 
@@ -144,6 +145,7 @@ class EncodeShardActor:
         set_actor_threads(opts)
         self.device = "cuda" if opts.get("use_gpu") and torch.cuda.is_available() else "cpu"
         self.contract = EncodingContract.from_dict(contract)
+        model_path = resolve_model(model_path)  # a URI: copied to this node once
         model, self.tok = load_embedder(model_path, self.device, self.contract)
         self.model = maybe_quantize(model, opts, self.device)
         self.model_path = model_path
@@ -151,14 +153,15 @@ class EncodeShardActor:
         self.bf16 = bool(opts.get("bf16"))
         self.micro = int(opts.get("micro_batch", 32))
         self.dtype = dtype
-        self.emb_dir = Path(emb_dir)
+        self.emb_dir = resolve(emb_dir)
         self.progress = progress
+        self.node = _node_id()
 
     def encode_shard(self, source: str) -> pa.Table:
         """id plus the representation columns of one prepared shard."""
         import torch
 
-        shard = pq.read_table(source)
+        shard = resolve(source).read_parquet()
         texts = [
             self.contract.format_passage(t, ti)
             for t, ti in zip(
@@ -197,12 +200,27 @@ class EncodeShardActor:
             dims.append(
                 table.schema.field(COLUMN).type.list_size if COLUMN in table.column_names else 0
             )
-        return {"name": np.array(names), "rows": np.array(rows), "dim": np.array(dims)}
+        return {
+            "name": np.array(names),
+            "rows": np.array(rows),
+            "dim": np.array(dims),
+            "node": np.array([self.node] * len(names)),
+        }
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return ""
 
 
 def encode_corpus(
-    corpus: str | Path,
-    out_dir: str | Path,
+    corpus: str | Path | Location,
+    out_dir: str | Path | Location,
     model: str,
     contract: EncodingContract | None,
     enc: Any,
@@ -213,34 +231,37 @@ def encode_corpus(
 
     ``enc`` is a :class:`raysys.config.EncodeConfig`. ``model`` is a raysys
     export (its contract is used) or a Hugging Face model with ``contract``.
+    ``corpus`` and ``out_dir`` may be local paths or storage URIs; with a URI
+    the actors read and write the shards there, so no disk is shared.
     """
     import ray
 
     from raysys.models.embedder import resolve_contract
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = resolve(out_dir)
+    out.mkdir()
     model_path, contract = resolve_contract(model, contract)
     prepared = prepare_corpus(
         corpus, out, enc.shard_size, on_bad_line=on_bad_line, max_docs=enc.max_docs
     )
-    emb_dir = out / EMB_DIR
-    emb_dir.mkdir(exist_ok=True)
+    emb_dir = out.join(EMB_DIR)
+    emb_dir.mkdir()
     manifest = _resume_manifest(emb_dir, contract, prepared, enc.dtype, ["dense"])
     done = set(manifest["done"])
-    for stale in emb_dir.glob("*.tmp*"):
-        stale.unlink()
+    for name in emb_dir.listdir():
+        if ".tmp" in name:
+            emb_dir.join(name).delete()
     pending = [s for s in prepared["shards"] if s["name"] not in done]
     if pending:
         ensure_ray()
-        _run_encode(ray, out, emb_dir, model_path, contract, enc, pending, manifest)
+        _run_encode(ray, model, out, emb_dir, model_path, contract, enc, pending, manifest)
     manifest["complete"] = True
     write_manifest(emb_dir, manifest)
     return manifest
 
 
 def _resume_manifest(
-    emb_dir: Path,
+    emb_dir: Location,
     contract: EncodingContract,
     prepared: dict[str, Any],
     dtype: str,
@@ -254,6 +275,7 @@ def _resume_manifest(
         "corpus": {k: prepared[k] for k in ("source", "rows", "skipped", "examples")},
         "shards": prepared["shards"],
         "done": [],
+        "nodes": {},
         "complete": False,
     }
     try:
@@ -262,8 +284,9 @@ def _resume_manifest(
         return fresh
     if old.get("corpus", {}).get("source") != prepared["source"]:
         log.info("corpus changed: encoding all shards again")
-        for f in emb_dir.glob("part-*.parquet"):
-            f.unlink()
+        for name in emb_dir.listdir():
+            if name.startswith("part-"):
+                emb_dir.join(name).delete()
         return fresh
     if old.get("contract") != contract.to_dict() or old.get("dtype") != dtype:
         raise ContractError(
@@ -271,13 +294,14 @@ def _resume_manifest(
             "use a new output folder or delete it"
         )
     old.setdefault("representations", ["dense"])  # manifests before representations
-    old["done"] = [n for n in old.get("done", []) if (emb_dir / n).is_file()]
+    old.setdefault("nodes", {})
+    present = set(emb_dir.listdir())
+    old["done"] = [n for n in old.get("done", []) if n in present]
     # An actor writes its shard (atomically) before the driver records it: a
     # run killed in between leaves complete shards that are not yet recorded.
     for s in old["shards"]:
-        f = emb_dir / s["name"]
-        if s["name"] not in old["done"] and f.is_file():
-            if pq.ParquetFile(f).metadata.num_rows == s["rows"]:
+        if s["name"] not in old["done"] and s["name"] in present:
+            if emb_dir.join(s["name"]).parquet_rows() == s["rows"]:
                 old["done"].append(s["name"])
     if old["done"]:
         log.info("resuming: %d of %d shards already encoded", len(old["done"]), len(old["shards"]))
@@ -286,8 +310,9 @@ def _resume_manifest(
 
 def _run_encode(
     ray: Any,
-    out: Path,
-    emb_dir: Path,
+    model: str,
+    out: Location,
+    emb_dir: Location,
     model_path: str,
     contract: EncodingContract,
     enc: Any,
@@ -300,8 +325,7 @@ def _run_encode(
 
     expected = {s["name"]: s["rows"] for s in pending}
     items = [
-        {"name": s["name"], "source": str((out / CORPUS_DIR / s["name"]).resolve())}
-        for s in pending
+        {"name": s["name"], "source": out.join(CORPUS_DIR, s["name"]).portable} for s in pending
     ]
     strategy, cpus, n_actors = pool_strategy(ray, enc.pool)
     channel = progress_channel()
@@ -311,16 +335,18 @@ def _run_encode(
         batch_size=1,
         batch_format="numpy",
         fn_constructor_kwargs={
-            "model_path": model_path,
+            # A URI goes as it is: each node copies the model from storage.
+            "model_path": model if is_uri(model) else model_path,
             "contract": contract.to_dict(),
             "representations": manifest["representations"],
             "dtype": enc.dtype,
-            "emb_dir": str(emb_dir.resolve()),
+            "emb_dir": emb_dir.portable,
             "opts": {**dataclasses.asdict(enc.pool), "actors": n_actors},
             "progress": channel,
         },
         num_cpus=cpus,
         num_gpus=1 if enc.pool.use_gpu else 0,
+        **({"resources": dict(enc.pool.resources)} if enc.pool.resources else {}),
     )
     n_shards = len(manifest["shards"])
     bar = Progress("encode", sum(expected.values()), "passages")
@@ -332,6 +358,8 @@ def _run_encode(
             if manifest["dim"] is None and int(row["dim"]):
                 manifest["dim"] = int(row["dim"])
             manifest["done"].append(name)
+            node = str(row["node"])
+            manifest["nodes"][node] = manifest["nodes"].get(node, 0) + 1
             write_manifest(emb_dir, manifest)
             bar.update(0, shards=f"{len(manifest['done'])}/{n_shards}")
     bar.close()
@@ -356,20 +384,18 @@ def _as_fixed_list(col: pa.ChunkedArray | pa.Array) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), arr.shape[1])
 
 
-def write_shard_file(emb_dir: Path, name: str, table: pa.Table) -> None:
-    """Write one embedding shard atomically (aside, then renamed)."""
+def write_shard_file(emb_dir: str | Path | Location, name: str, table: pa.Table) -> None:
+    """Write one embedding shard atomically (readers see all of it or nothing)."""
     if COLUMN in table.column_names:
         # Ray may hand dense vectors back as its tensor type: store plain Arrow.
         i = table.schema.get_field_index(COLUMN)
         table = table.set_column(i, COLUMN, _as_fixed_list(table.column(COLUMN)))
-    tmp = emb_dir / f"{name}.tmp{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, emb_dir / name)
+    resolve(emb_dir).join(name).write_parquet(table)
 
 
-def read_embeddings(emb_dir: str | Path, shard: str) -> tuple[list[str], np.ndarray]:
+def read_embeddings(emb_dir: str | Path | Location, shard: str) -> tuple[list[str], np.ndarray]:
     """(ids, float32 matrix) of one embedding shard."""
-    table = pq.read_table(Path(emb_dir) / shard, columns=["id", COLUMN])
+    table = resolve(emb_dir).join(shard).read_parquet(columns=["id", COLUMN])
     col = table.column(COLUMN).combine_chunks()
     dim = col.type.list_size
     vecs = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)

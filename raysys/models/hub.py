@@ -99,7 +99,12 @@ def _convert_smollm(dest: Path) -> None:
 
 
 def resolve_model(spec: str) -> str:
-    """Return a local path for an alias, else ``spec`` unchanged."""
+    """Return a local path for an alias or a storage URI (copied to this
+    node's cache, e.g. an export under ``s3://``), else ``spec`` unchanged."""
+    from raysys.storage import is_uri, local_copy
+
+    if is_uri(spec):
+        return str(local_copy(spec))
     key = spec.strip().lower()
     if key in MINILM_ALIASES:
         return str(minilm_path())

@@ -24,6 +24,8 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import pyarrow as pa
 
+from raysys.storage import Location
+
 
 class SearchIndex(Protocol):
     """An opened index: top-k rows and scores for a batch of query representations."""
@@ -49,12 +51,13 @@ class Representation(ABC):
 
     @abstractmethod
     def build_index(
-        self, emb_dir: Path, out_dir: Path, icfg: Any, tune_queries: Any = None
+        self, emb_dir: Location, out_dir: Location, icfg: Any, tune_queries: Any = None
     ) -> dict[str, Any]:
-        """Build and save an index from complete embedding shards; returns its manifest."""
+        """Build and save an index from complete embedding shards (local or
+        remote locations); returns its manifest."""
 
     @abstractmethod
-    def open_index(self, index_dir: Path) -> SearchIndex:
+    def open_index(self, index_dir: str | Path | Location) -> SearchIndex:
         """Load a saved index for search."""
 
     @abstractmethod

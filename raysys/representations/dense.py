@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysys.representations.base import Representation
+from raysys.storage import Location
 
 COLUMN = "emb"
 
@@ -17,7 +18,7 @@ COLUMN = "emb"
 class DenseIndex:
     """A loaded FAISS index with its row -> id list and manifest."""
 
-    def __init__(self, index_dir: Path) -> None:
+    def __init__(self, index_dir: str | Path | Location) -> None:
         from raysys.index.build import load_index
 
         self.index, self.ids, self.manifest = load_index(index_dir)
@@ -57,13 +58,17 @@ class DenseRepresentation(Representation):
         return {COLUMN: vec}
 
     def build_index(
-        self, emb_dir: Path, out_dir: Path, icfg: Any, tune_queries: Any = None
+        self,
+        emb_dir: str | Path | Location,
+        out_dir: str | Path | Location,
+        icfg: Any,
+        tune_queries: Any = None,
     ) -> dict[str, Any]:
         from raysys.index.build import build_index
 
         return build_index(emb_dir, out_dir, icfg, tune_queries=tune_queries)
 
-    def open_index(self, index_dir: Path) -> DenseIndex:
+    def open_index(self, index_dir: str | Path | Location) -> DenseIndex:
         return DenseIndex(index_dir)
 
     def score(self, query: Any, passages: Any) -> np.ndarray:

@@ -126,13 +126,15 @@ def spec_from_config(m: Any) -> MineSpec:
 def mine(cfg: Any, out: str | Path) -> dict[str, Any]:
     """Mine groups for ``cfg.data``'s training split with ``cfg.model`` as ``cfg.mine`` says.
 
-    Uses ``cfg.mine.index`` when set, else encodes the corpus and builds an
-    index (``cfg.mine.factory``, exact by default) under ``<out>.work/``.
+    Uses ``cfg.mine.index`` when set, else encodes the corpus under
+    ``<out>.work/`` and searches it exactly, shard by shard in Ray tasks
+    (``cfg.mine.factory: exact``, the default), or through an index built
+    with that FAISS factory string.
     Returns a summary (also written to ``<out>.summary.json``).
     """
     from raysys.data.readers import BeirFolder, read_corpus
     from raysys.search.retrieve import QueryEncoder
-    from raysys.stages import encode_stage, index_stage, search_stage
+    from raysys.stages import encode_stage, exact_search_stage, index_stage, search_stage
 
     m = cfg.mine
     spec = spec_from_config(m)
@@ -143,18 +145,23 @@ def mine(cfg: Any, out: str | Path) -> dict[str, Any]:
     contract = cfg.encoding_contract()
     index_dir = m.index
     corpus_skipped: dict[str, int] = {}
+    work = out.parent / f"{out.name}.work"
     if index_dir is None:
-        work = out.parent / f"{out.name}.work"
         enc = encode_stage(cfg, beir.corpus_path, work / "encode", cfg.model.path, contract)
         corpus_skipped = enc["corpus"].get("skipped") or {}
-        icfg = dataclasses.replace(cfg.index, factory=m.factory)
-        index_stage(dataclasses.replace(cfg, index=icfg), work / "encode", work / "index")
-        index_dir = str(work / "index")
+        if m.factory != "exact":
+            icfg = dataclasses.replace(cfg.index, factory=m.factory)
+            index_stage(dataclasses.replace(cfg, index=icfg), work / "encode", work / "index")
+            index_dir = str(work / "index")
     qrels = beir.qrels(cfg.data.train_split)
     queries = beir.queries(spec.report)
     wanted = {q: queries[q] for q in qrels if q in queries}
     depth = spec.rank_to + max((len(v) for v in qrels.values()), default=0)
-    res = search_stage(cfg, index_dir, wanted, QueryEncoder(cfg.model.path, contract), topk=depth)
+    encoder = QueryEncoder(cfg.model.path, contract)
+    if index_dir is None:
+        run = exact_search_stage(cfg, work / "encode", wanted, encoder, topk=depth)
+    else:
+        run = search_stage(cfg, index_dir, wanted, encoder, topk=depth).run
     scorer, corpus = None, None
     if m.reranker is not None and spec.margin is not None:
         from raysys.models.reranker import Scorer
@@ -170,7 +177,7 @@ def mine(cfg: Any, out: str | Path) -> dict[str, Any]:
                 strict=True,
             )
         )
-    groups = mine_groups(res.run, queries, qrels, spec, scorer, corpus)
+    groups = mine_groups(run, queries, qrels, spec, scorer, corpus)
     write_groups(groups, out)
     n_neg = [len(g["negatives"]) for g in groups]
     summary = {
@@ -179,7 +186,7 @@ def mine(cfg: Any, out: str | Path) -> dict[str, Any]:
         "ranks": [spec.rank_from, spec.rank_to],
         "n": spec.n,
         "seed": spec.seed,
-        "index": str(index_dir),
+        "index": str(index_dir) if index_dir else f"exact search over {work / 'encode'}",
         "reranker_filter": {"model": m.reranker, "margin": spec.margin} if scorer else None,
         "corpus_skipped": corpus_skipped,
         **spec.report.to_dict(),

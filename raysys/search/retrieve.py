@@ -13,6 +13,7 @@ from raysys.contract import EncodingContract, check_compatible
 from raysys.index.manifest import read_manifest
 from raysys.representations import get_representation
 from raysys.search.runfile import Run
+from raysys.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,10 @@ class QueryEncoder:
 class Searcher:
     """A loaded index plus the query encoder whose contract matches it."""
 
-    def __init__(self, index_dir: str | Path, encoder: QueryEncoder) -> None:
+    def __init__(self, index_dir: str | Path | Location, encoder: QueryEncoder) -> None:
         manifest = read_manifest(index_dir)
         self.representation = get_representation(manifest.get("representation", "dense"))
-        self.index = self.representation.open_index(Path(index_dir))
+        self.index = self.representation.open_index(index_dir)
         self.manifest = self.index.manifest
         self.encoder = encoder
         embedder, _ = encoder.get()

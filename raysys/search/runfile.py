@@ -5,20 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from raysys.errors import UserError
+from raysys.storage import Location, resolve
 
 Run = dict[str, dict[str, float]]
 
 
-def write_run(run: Run, path: str | Path, tag: str = "raysys") -> Path:
-    """Write a run, each query's hits by descending score (ties by doc id)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for qid in sorted(run):
-            hits = sorted(run[qid].items(), key=lambda kv: (-kv[1], kv[0]))
-            for rank, (did, score) in enumerate(hits, start=1):
-                f.write(f"{qid} Q0 {did} {rank} {score:.6f} {tag}\n")
-    return path
+def write_run(run: Run, path: str | Path | Location, tag: str = "raysys") -> Location:
+    """Write a run (a local path or a storage URI), each query's hits by
+    descending score (ties by doc id)."""
+    lines = []
+    for qid in sorted(run):
+        hits = sorted(run[qid].items(), key=lambda kv: (-kv[1], kv[0]))
+        for rank, (did, score) in enumerate(hits, start=1):
+            lines.append(f"{qid} Q0 {did} {rank} {score:.6f} {tag}\n")
+    loc = resolve(path)
+    loc.write_text("".join(lines))
+    return loc
 
 
 class RunFileError(UserError):
@@ -27,11 +29,14 @@ class RunFileError(UserError):
 
 def read_run(path: str | Path) -> Run:
     """Read a TREC run; a malformed line raises :class:`RunFileError` naming it."""
-    path = Path(path)
-    if not path.is_file():
+    import io
+
+    loc = resolve(path)
+    path = loc.uri
+    if not loc.is_file():
         raise RunFileError(f"no such run file: {path}")
     run: Run = {}
-    with path.open("rb") as f:
+    with io.BufferedReader(loc.fs.open_input_stream(loc.path)) as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 parts = raw.decode("utf-8").split()

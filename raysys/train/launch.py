@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from raysys.config import Config, to_dict
 from raysys.console import duration
 from raysys.runtime import ensure_ray, progress_channel, worker_env
+from raysys.storage import Location, resolve
 from raysys.train.monitor import TrainMonitor
 from raysys.train.tasks import get_task
 
@@ -22,7 +24,7 @@ LOSS_PNG = "loss.png"
 
 @dataclass
 class TrainOutcome:
-    model_dir: Path | None
+    model_dir: Path | str | None  # a local folder, or a URI under a remote --out
     history: list[dict[str, Any]]
     total_steps: int
     started_at: int  # > 0 when this run resumed from a checkpoint
@@ -35,22 +37,28 @@ class TrainOutcome:
         return self.stopped_at == self.total_steps
 
 
-def run_training(cfg: Config, out_dir: str | Path) -> TrainOutcome:
-    """Train ``cfg.train.task`` as ``cfg`` says; the export lands in ``out_dir/model``."""
+def run_training(cfg: Config, out_dir: str | Path | Location) -> TrainOutcome:
+    """Train ``cfg.train.task`` as ``cfg`` says; the export lands in
+    ``out_dir/model``. ``out_dir`` may be a storage URI: Ray Train then keeps
+    its checkpoints there too (unless ``train.checkpoint.storage_path`` says
+    otherwise), and the curves are written locally and copied there."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t, sc, ck = cfg.train, cfg.train.scaling, cfg.train.checkpoint
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = resolve(out_dir)
+    out.mkdir()
     task_cls = get_task(t.task)
     task = task_cls(cfg)
     data = task.load_data()
     data_summary = task.data_summary(data)
     log.info("training data (%s): %s", t.task, data_summary)
     ensure_ray()
-    storage = ck.storage_path or str((out / "ray_storage").resolve())
+    storage = resolve(ck.storage_path or out.join("ray_storage"))
+    # A remote --out: TensorBoard files are written here, then copied there.
+    staging = Path(tempfile.mkdtemp(prefix="raysys-train-")) if out.is_remote else None
+    local_out = staging or Path(out.path)
     channel = progress_channel()
     trainer = TorchTrainer(
         _train_entry,
@@ -70,28 +78,35 @@ def run_training(cfg: Config, out_dir: str | Path) -> TrainOutcome:
         ),
         run_config=RunConfig(
             name=ck.run_name,
-            storage_path=storage,
+            storage_path=storage.path,
+            storage_filesystem=storage.fs if storage.is_remote else None,
             failure_config=FailureConfig(max_failures=ck.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": worker_env(sc.use_gpu)},
         ),
     )
-    monitor = TrainMonitor(channel, out, desc=f"train ({t.task})", mlflow=t.mlflow)
+    monitor = TrainMonitor(channel, local_out, desc=f"train ({t.task})", mlflow=t.mlflow)
     try:
         result = trainer.fit()
     except BaseException:
         monitor.close()
+        _publish(staging, out)
         raise
     ret = result.return_value or {}
     history = ret.get("history", [])
-    model_dir = None
+    model_dir: Path | str | None = None
     if result.checkpoint is not None and ret.get("stopped_at") == ret.get("total_steps"):
         with result.checkpoint.as_directory() as d:
             src = Path(d) / "export"
             if src.is_dir():
-                model_dir = out / "model"
-                shutil.rmtree(model_dir, ignore_errors=True)
-                shutil.copytree(src, model_dir)
+                dest = out.join("model")
+                dest.delete()
+                if out.is_remote:
+                    dest.upload(src)
+                    model_dir = dest.uri
+                else:
+                    model_dir = Path(dest.path)
+                    shutil.copytree(src, model_dir)
     summary = {
         "history": history,
         "total_steps": ret.get("total_steps"),
@@ -101,12 +116,13 @@ def run_training(cfg: Config, out_dir: str | Path) -> TrainOutcome:
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "model_dir": str(model_dir) if model_dir else None,
     }
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    out.join("train_summary.json").write_text(json.dumps(summary, indent=2))
     if history:
         from raysys.report import plot_loss
 
-        plot_loss(history, out / LOSS_PNG, title=f"{t.task}: training loss")
+        plot_loss(history, out.join(LOSS_PNG), title=f"{t.task}: training loss")
     monitor.close(_summary_line(t.task, history, ret, monitor.bar.elapsed, model_dir))
+    _publish(staging, out)
     return TrainOutcome(
         model_dir=model_dir,
         history=history,
@@ -116,6 +132,14 @@ def run_training(cfg: Config, out_dir: str | Path) -> TrainOutcome:
         skipped=data_summary.get("skipped", {}),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
     )
+
+
+def _publish(staging: Path | None, out: Location) -> None:
+    """Copy what was written locally for a remote ``out`` (TensorBoard) there."""
+    if staging is None:
+        return
+    out.upload(staging)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _summary_line(

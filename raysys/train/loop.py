@@ -145,7 +145,11 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     start_step, history = 0, []
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and ck.resume_from:
-        ckpt = ray.train.Checkpoint.from_directory(ck.resume_from)
+        from raysys.storage import resolve
+
+        # A local folder or a storage URI (a checkpoint of a run on a cluster).
+        where = resolve(ck.resume_from)
+        ckpt = ray.train.Checkpoint(path=where.path, filesystem=where.fs)
     if ckpt is not None:
         with ckpt.as_directory() as d:
             _, client = engine.load_checkpoint(d, load_module_strict=False)

@@ -243,17 +243,22 @@ def read_queries(
     return out
 
 
-def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:  # a path or a URI
     """Read a TREC or BEIR qrels file into ``{query_id: {doc_id: relevance}}``.
 
     Accepts BEIR's TSV with a ``query-id corpus-id score`` header and TREC's
     ``qid 0 docid rel`` lines.
     """
-    path = Path(path)
-    if not path.is_file():
+    import io
+
+    from raysys.storage import resolve
+
+    loc = resolve(path)
+    path = loc.uri
+    if not loc.is_file():
         raise DataError(f"no such qrels file: {path}")
     qrels: dict[str, dict[str, int]] = {}
-    with path.open("rb") as f:
+    with io.BufferedReader(loc.fs.open_input_stream(loc.path)) as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")

@@ -25,7 +25,7 @@ def two_nodes(aws_env):
     was_up = ray.is_initialized()
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    worker = cluster.add_node(num_cpus=3)
+    worker = cluster.add_node(num_cpus=4)
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         yield worker.node_id
@@ -74,3 +74,51 @@ def test_pipeline_on_s3_across_two_nodes_equals_a_local_run(two_nodes, tmp_path)
     for name in ("report.md", "metrics.json", "nprobe.png", "config.json"):
         assert out.join(name).is_file(), name
     assert out.join("index", "index.faiss").is_file() and not out.join("index", "parts").exists()
+
+
+def test_training_checkpoints_resume_and_export_on_s3(two_nodes, tiny_bert_dir, toy_data):
+    """Ray Train keeps its checkpoints under an s3:// --out; a run resumes from
+    a checkpoint URI; the export lands in the bucket and loads from there."""
+    from raysys.models.embedder import load_embedder
+    from raysys.train.launch import run_training
+
+    def cfg(*extra: str):
+        return load_config(
+            None,
+            [
+                f"model={tiny_bert_dir}",
+                f"data.groups={toy_data / 'groups.jsonl'}",
+                f"data.corpus={toy_data / 'corpus.jsonl'}",
+                "contract.pooling=mean",
+                "contract.query_max_len=16",
+                "contract.passage_max_len=24",
+                "train.per_device_queries=4",
+                "train.group_size=2",
+                "train.zero_stage=2",
+                "train.max_steps=4",
+                "train.checkpoint.save_steps=2",
+                "train.log_steps=1",
+                *extra,
+            ],
+        )
+
+    cut = run_training(
+        cfg("train.checkpoint.run_name=cut", "train.checkpoint.stop_after=2"),
+        "s3://raysys-test/train/cut",
+    )
+    assert cut.stopped_at == 2 and cut.model_dir is None
+    assert cut.checkpoint_path and "train/cut/ray_storage" in cut.checkpoint_path
+    resumed = run_training(
+        cfg(
+            "train.checkpoint.run_name=resumed",
+            f"train.checkpoint.resume_from=s3://{cut.checkpoint_path}",
+        ),
+        "s3://raysys-test/train/resumed",
+    )
+    assert resumed.started_at == 2 and resumed.finished
+    assert resumed.model_dir == "s3://raysys-test/train/resumed/model"
+    out = resolve("s3://raysys-test/train/resumed")
+    assert out.join("model", "raysys_contract.json").is_file()
+    assert out.join("loss.png").is_file() and out.join("tensorboard").listdir()
+    embedder, tok = load_embedder(resumed.model_dir)
+    assert embedder.encode_texts(tok, ["a query"], "query", 1).shape[0] == 1

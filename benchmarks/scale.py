@@ -366,8 +366,11 @@ def main() -> None:
         n, factory, nprobe = int(a.bare[0]), a.bare[1], int(a.bare[2])
         print(json.dumps(run_bare(n, work, model, factory, nprobe)))
         return
-    rows = [_child(["--one", str(n), "--work", str(work)]) for n in sorted(a.sizes)]
+    rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {"sizes": rows, "shard_size": SHARD, "queries": N_QUERIES}
+    for n in sorted(a.sizes):
+        rows.append(_child(["--one", str(n), "--work", str(work)]))
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")  # partial, kept if cut off
     small, large = rows[0], rows[-1]
     result["fitted_exponent_wall"] = {s: _exponent(rows, s) for s in ("encode", "index")}
     result["driver_rss_growth"] = {

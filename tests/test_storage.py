@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from raysys.storage import resolve
 
 
@@ -66,3 +68,20 @@ def test_local_copy_of_a_model_uri_is_fetched_once_per_change(aws_env, tmp_path,
     assert (Path(local) / "config.json").read_text() == '{"v": 1}'
     resolve(uri).join("config.json").write_text('{"v": 22}')  # changed: fetched again
     assert (Path(resolve_model(uri)) / "config.json").read_text() == '{"v": 22}'
+
+
+def test_corpus_on_s3_is_prepared_into_s3_and_reused(aws_env):
+    from raysys.data.readers import DataError
+    from raysys.index.encode import prepare_corpus
+
+    lines = [f'{{"_id": "d{i}", "title": "", "text": "passage {i}"}}' for i in range(25)]
+    corpus = resolve("s3://raysys-test/data/corpus.jsonl")
+    corpus.write_text("\n".join(lines + ["{not json"]) + "\n")
+    with pytest.raises(DataError, match=r"s3://raysys-test/data/corpus\.jsonl:26: malformed"):
+        prepare_corpus(corpus.uri, "s3://raysys-test/prep", 10)
+    corpus.write_text("\n".join(lines) + "\n")
+    meta = prepare_corpus(corpus.uri, "s3://raysys-test/prep", 10)
+    assert meta["rows"] == 25 and [s["rows"] for s in meta["shards"]] == [10, 10, 5]
+    shards = resolve("s3://raysys-test/prep/corpus")
+    assert shards.join("part-00002.parquet").parquet_rows() == 5
+    assert prepare_corpus(corpus.uri, "s3://raysys-test/prep", 10) == meta  # reused

@@ -5,7 +5,7 @@ on storage; the Ray overhead against bare single-process scripts
 killed half-way through encoding, then resumed.
 
     .venv/bin/pip install sentence-transformers      # for the bare baseline
-    .venv/bin/python benchmarks/scale.py              # 250k and 1M passages
+    .venv/bin/python benchmarks/scale.py              # 250k and 1M passages, killed at 100k
     .venv/bin/python benchmarks/scale.py --sizes 20000 80000 --bare-size 20000  # quick
 
 The corpus is synthetic with realistic passage lengths: words drawn from a
@@ -211,7 +211,14 @@ def run_size(n: int, work: Path, model: Path) -> dict[str, Any]:
         "stages": stages,
         "index": {
             k: m[k]
-            for k in ("factory", "nprobe", "tuning", "embedding_passes", "add_task_peak_rss_mib")
+            for k in (
+                "factory",
+                "nprobe",
+                "tuning",
+                "embedding_passes",
+                "embedding_shard_reads",
+                "add_task_peak_rss_mib",
+            )
         },
     }
 
@@ -351,6 +358,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[250_000, 1_000_000])
     ap.add_argument("--bare-size", type=int, default=250_000)
+    ap.add_argument("--kill-size", type=int, default=100_000, help="passages of the killed run")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
@@ -397,7 +405,7 @@ def main() -> None:
             result["ray_overhead"] = {
                 "error": f"bare baseline failed ({e}); sentence-transformers?"
             }
-    result["killed_half_way"] = run_killed(small["passages"], work, model)
+    result["killed_half_way"] = run_killed(a.kill_size, work, model)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -129,7 +129,8 @@ def search_stage(
     searcher = Searcher(index_dir, encoder)
     qids = sorted(queries)
     bar = Progress("search", len(qids), "queries")
-    qvecs = _encode_queries(encoder, queries, qids, s.batch_size, bar)
+    dim = int(searcher.manifest.get("dim") or 0)
+    qvecs = _encode_queries(encoder, queries, qids, s.batch_size, bar, dim)
     k = topk or s.topk
     res = SearchResult({}, qids, qvecs, searcher, k, s.drop_self_hits)
     res.run = res.at_nprobe(s.nprobe)
@@ -143,14 +144,19 @@ def search_stage(
 
 
 def _encode_queries(
-    encoder: QueryEncoder, queries: dict[str, str], qids: list[str], batch: int, bar: Progress
+    encoder: QueryEncoder,
+    queries: dict[str, str],
+    qids: list[str],
+    batch: int,
+    bar: Progress,
+    dim: int,
 ) -> np.ndarray:
     parts = []
     for i in range(0, len(qids), batch):
         chunk = qids[i : i + batch]
         parts.append(encoder.encode([queries[q] for q in chunk], batch))
         bar.update(len(chunk))
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
 def exact_search_stage(
@@ -170,10 +176,11 @@ def exact_search_stage(
     s = cfg.search
     emb = embeddings_dir(embeddings)
     embedder, _ = encoder.get()
-    check_compatible(EncodingContract.from_dict(read_manifest(emb)["contract"]), embedder.contract)
+    manifest = read_manifest(emb)
+    check_compatible(EncodingContract.from_dict(manifest["contract"]), embedder.contract)
     qids = sorted(queries)
     bar = Progress("encode queries", len(qids), "queries")
-    qvecs = _encode_queries(encoder, queries, qids, s.batch_size, bar)
+    qvecs = _encode_queries(encoder, queries, qids, s.batch_size, bar, int(manifest["dim"]))
     bar.close()
     k = topk or s.topk
     t0 = time.perf_counter()

@@ -70,7 +70,11 @@ def test_pipeline_on_s3_across_two_nodes_equals_a_local_run(two_nodes, tmp_path)
     # Every shard was encoded, and every add task ran, on the second node.
     assert emb["nodes"] == {two_nodes: len(emb["shards"])} and len(emb["shards"]) == 5
     assert index["add_task_nodes"] == {two_nodes: 5}
-    assert index["factory"].startswith("IVF") and index["embedding_passes"] == 2
+    assert (
+        index["factory"].startswith("IVF")
+        and index["embedding_passes"] <= 2
+        and index["embedding_shard_reads"]["add"] == 5
+    )
     for name in ("report.md", "metrics.json", "nprobe.png", "config.json"):
         assert out.join(name).is_file(), name
     assert out.join("index", "index.faiss").is_file() and not out.join("index", "parts").exists()

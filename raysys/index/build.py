@@ -156,13 +156,14 @@ def _ivf(index: faiss.Index) -> Any:
 
 def _sample(emb_dir: Any, shards: list[dict[str, Any]], size: int, seed: int) -> np.ndarray:
     """``size`` vectors drawn with ``seed`` (one pass; shards with no drawn row are skipped)."""
-    return _draw(emb_dir, shards, [(size, seed)])[0]
+    return _draw(emb_dir, shards, [(size, seed)])[0][0]
 
 
 def _draw(
     emb_dir: Any, shards: list[dict[str, Any]], wanted: list[tuple[int, int]]
-) -> list[np.ndarray]:
-    """Seeded samples of the vectors, one per ``(size, seed)``, in one pass."""
+) -> tuple[list[np.ndarray], int]:
+    """Seeded samples of the vectors, one per ``(size, seed)``, in one pass;
+    and how many shards it read."""
     total = sum(s["rows"] for s in shards)
     picks = [
         np.sort(np.random.default_rng(seed).choice(total, size=min(size, total), replace=False))
@@ -170,19 +171,21 @@ def _draw(
     ]
     take = np.unique(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
     found: dict[int, np.ndarray] = {}
-    start = 0
+    start = reads = 0
     for s in shards:
         local = take[(take >= start) & (take < start + s["rows"])]
         if len(local):
             _, vecs = read_embeddings(emb_dir, s["name"])
+            reads += 1
             for row, v in zip(local, vecs[local - start], strict=True):
                 found[int(row)] = v
         start += s["rows"]
     dim = next(iter(found.values())).shape[0] if found else 0
-    return [
+    samples = [
         np.stack([found[int(r)] for r in p]) if len(p) else np.zeros((0, dim), np.float32)
         for p in picks
     ]
+    return samples, reads
 
 
 def _add_shard(
@@ -207,6 +210,7 @@ def _add_shard(
     resolve(part).write_bytes(faiss.serialize_index(index).tobytes())
     top = exact_topk(queries, vecs, start) if queries is not None and len(queries) else None
     return {
+        "reads": 1,
         "ids": pa.array(ids, pa.string()),
         "top": top,
         "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -261,7 +265,8 @@ def build_index(
     # Pass 1: the training sample and, without real queries, corpus vectors
     # as tuning queries (they sit closer to the centroids than real queries,
     # so they under-state the nprobe real queries need).
-    passes = 0
+    # Shard reads, counted where they happen: at most one per shard per pass.
+    reads = {"sample": 0, "add": 0}
     nlist = ivf.nlist if ivf is not None else 0
     train_size = 0
     if not index.is_trained:
@@ -276,8 +281,9 @@ def build_index(
     queries = None if ivf is None else tune_queries
     if train_size or n_tune:
         # Tuning queries drawn apart from the training sample (seed + 1).
-        sample, corpus_queries = _draw(emb_dir, shards, [(train_size, seed), (n_tune, seed + 1)])
-        passes += 1
+        (sample, corpus_queries), reads["sample"] = _draw(
+            emb_dir, shards, [(train_size, seed), (n_tune, seed + 1)]
+        )
         if n_tune:
             queries = corpus_queries
         if train_size:
@@ -314,7 +320,6 @@ def build_index(
         add.remote(trained_ref, emb_dir.portable, s["name"], int(st), loc.portable, queries_ref)
         for s, st, loc in zip(shards, starts, part_locs, strict=True)
     ]
-    passes += 1
     bar = Progress("index: add", len(futures), "shards")
     pending = list(futures)
     while pending:
@@ -322,6 +327,7 @@ def build_index(
         bar.update(len(ready))
     bar.close()
     results = ray.get(futures)
+    reads["add"] = sum(r["reads"] for r in results)
     ids = pa.chunked_array([r["ids"] for r in results], pa.string())
     if len(ids) != n:
         raise RuntimeError(f"the add tasks read {len(ids)} ids, expected {n}")
@@ -393,7 +399,8 @@ def build_index(
         "nprobe_tuned_on": ("held-out queries" if tune_queries is not None else "corpus vectors"),
         "tuning": tuning,
         "ondisk": use_ondisk,
-        "embedding_passes": passes,
+        "embedding_shard_reads": reads,
+        "embedding_passes": round(sum(reads.values()) / len(shards), 3),
         "shard_rows": [len(r["ids"]) for r in results],
         "add_task_peak_rss_mib": round(max(r["rss_mib"] for r in results), 1),
         "add_task_nodes": nodes,

@@ -90,17 +90,12 @@ class Location:
         """Write the whole file so that readers see the old or the new one,
         never a part: a local file is written aside and renamed; an object
         store's PUT is atomic."""
-        parent = posixpath.dirname(self.path) if self.is_remote else os.path.dirname(self.path)
-        if parent:
-            self.fs.create_dir(parent, recursive=True)
-        if self.is_remote:
-            with self.fs.open_output_stream(self.path) as f:
+
+        def write(path: str) -> None:
+            with self.fs.open_output_stream(path) as f:
                 f.write(data)
-            return
-        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, self.path)
+
+        self._write_with(write)
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
@@ -159,6 +154,8 @@ class Location:
         self._write_with(lambda path: pq.write_table(table, path, filesystem=self.fs))
 
     def _write_with(self, write: Any) -> None:
+        """Call ``write(path)`` so that the file appears whole: locally at a
+        side path, then renamed; on an object store straight at its key."""
         parent = posixpath.dirname(self.path) if self.is_remote else os.path.dirname(self.path)
         if parent:
             self.fs.create_dir(parent, recursive=True)
@@ -181,11 +178,7 @@ class Location:
                 if f.is_file():
                     self.join(*f.relative_to(local).parts).upload(f)
             return
-        if not self.is_remote:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            if Path(self.path).resolve() != local.resolve():
-                shutil.copyfile(local, self.path + ".part")
-                os.replace(self.path + ".part", self.path)
+        if not self.is_remote and Path(self.path).resolve() == local.resolve():
             return
         self._write_with(
             lambda path: pafs.copy_files(

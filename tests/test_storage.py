@@ -85,3 +85,15 @@ def test_corpus_on_s3_is_prepared_into_s3_and_reused(aws_env):
     shards = resolve("s3://raysys-test/prep/corpus")
     assert shards.join("part-00002.parquet").parquet_rows() == 5
     assert prepare_corpus(corpus.uri, "s3://raysys-test/prep", 10) == meta  # reused
+
+
+def test_a_remote_out_gets_the_runs_log(aws_env, tmp_path, monkeypatch):
+    import logging
+
+    from raysys import cli
+
+    monkeypatch.setattr(cli, "CACHE_ROOT", tmp_path / "cache" / "remote")
+    with cli._session("s3://raysys-test/logs/run"):
+        logging.getLogger("raysys.test").warning("hello from the run")
+    log = resolve("s3://raysys-test/logs/run/raysys.log").read_text()
+    assert "hello from the run" in log

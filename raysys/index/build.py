@@ -170,21 +170,17 @@ def _draw(
         for size, seed in wanted
     ]
     take = np.unique(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
-    found: dict[int, np.ndarray] = {}
+    parts: list[np.ndarray] = []  # the vectors of `take`, in its (sorted) order
     start = reads = 0
     for s in shards:
         local = take[(take >= start) & (take < start + s["rows"])]
         if len(local):
             _, vecs = read_embeddings(emb_dir, s["name"])
+            parts.append(vecs[local - start])
             reads += 1
-            for row, v in zip(local, vecs[local - start], strict=True):
-                found[int(row)] = v
         start += s["rows"]
-    dim = next(iter(found.values())).shape[0] if found else 0
-    samples = [
-        np.stack([found[int(r)] for r in p]) if len(p) else np.zeros((0, dim), np.float32)
-        for p in picks
-    ]
+    found = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    samples = [found[np.searchsorted(take, p)] for p in picks]
     return samples, reads
 
 
@@ -210,7 +206,6 @@ def _add_shard(
     resolve(part).write_bytes(faiss.serialize_index(index).tobytes())
     top = exact_topk(queries, vecs, start) if queries is not None and len(queries) else None
     return {
-        "reads": 1,
         "ids": pa.array(ids, pa.string()),
         "top": top,
         "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -327,7 +322,7 @@ def build_index(
         bar.update(len(ready))
     bar.close()
     results = ray.get(futures)
-    reads["add"] = sum(r["reads"] for r in results)
+    reads["add"] = len(results)  # each add task reads its one shard once
     ids = pa.chunked_array([r["ids"] for r in results], pa.string())
     if len(ids) != n:
         raise RuntimeError(f"the add tasks read {len(ids)} ids, expected {n}")

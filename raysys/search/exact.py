@@ -21,15 +21,15 @@ QUERY_BLOCK = 4096  # queries scored at once in a task (bounds its score matrix)
 
 def shard_topk(emb_dir: str, shard: str, queries: np.ndarray, k: int) -> tuple[Any, Any]:
     """Ray task: (scores, doc ids), each queries x min(k, rows), best first."""
+    from raysys.index.build import exact_topk
+
     ids, vecs = read_embeddings(emb_dir, shard)
     ids_arr = np.asarray(ids, dtype=object)
     kk = min(k, len(ids))
     out_s = np.empty((len(queries), kk), np.float32)
     out_i = np.empty((len(queries), kk), object)
     for i in range(0, len(queries), QUERY_BLOCK):
-        scores = queries[i : i + QUERY_BLOCK] @ vecs.T
-        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-        top_s = np.take_along_axis(scores, top, 1)
+        top_s, top = exact_topk(queries[i : i + QUERY_BLOCK], vecs, 0, kk)
         order = np.argsort(-top_s, axis=1)
         out_s[i : i + QUERY_BLOCK] = np.take_along_axis(top_s, order, 1)
         out_i[i : i + QUERY_BLOCK] = ids_arr[np.take_along_axis(top, order, 1)]

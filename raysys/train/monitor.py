@@ -33,7 +33,7 @@ class TrainMonitor:
         mlflow: bool = False,
         poll_s: float = 0.5,
     ) -> None:
-        self.channel, self.out, self.poll_s = channel, Path(out), poll_s
+        self.out = Path(out)
         self.bar = Progress(desc, None, "steps")
         self.records: list[dict[str, Any]] = []
         self._writer: Any = None

@@ -129,7 +129,13 @@ class TrainConfig:
     # If > 0, overrides epochs.
     max_steps: int = 0
     zero_stage: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # Mixed precision: bf16, or fp16 with loss scaling (V100/T4). The
+    # weights load in fp32 whatever the checkpoint's dtype, so the optimizer
+    # always keeps fp32 master weights and states.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # from_pretrained's attn_implementation for training (sdpa,
+    # flash_attention_2, eager; empty: the model's default).
+    attn_implementation: str = ""
     gradient_checkpointing: bool = False
     seed: int = 42
     # Every step is recorded (history, TensorBoard, the console's bar); every
@@ -154,14 +160,26 @@ class PoolConfig:
     # Cap of the autoscaling GPU pool (0: no cap).
     max_actors: int = 0
     use_gpu: bool = False
+    # GPU share of one actor: 1 = a whole GPU; 0.25 = four actors share one
+    # (small models cannot keep a GPU busy alone).
+    gpus_per_actor: float = 1.0
     cpus_per_actor: float = 1.0
     # Torch threads per CPU actor (0 = the node's cores / actors).
     torch_threads: int = 0
     # Rows per actor call (one Ray Data batch); sorted by length inside it.
     batch_size: int = 256
-    # Rows per forward pass inside an actor call.
+    # Rows per forward pass inside an actor call, and (if > 0) at most this
+    # many padded tokens per forward pass: batches by token budget.
     micro_batch: int = 32
-    # Speed levers (CPU): bf16 autocast, dynamic int8 quantisation of Linear
+    micro_tokens: int = 0
+    # Inference precision: fp32; bf16 (GPU: bf16 weights, CPU: bf16
+    # autocast); fp16 (GPU only, V100/T4). tf32: TF32 matmuls on GPUs.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = True
+    # from_pretrained's attn_implementation (sdpa, flash_attention_2, eager;
+    # empty: the model's default).
+    attn_implementation: str = ""
+    # Speed levers (CPU): bf16 autocast (same as precision=bf16), dynamic int8 quantisation of Linear
     # (per-channel weight scales: much closer to fp32 than per-tensor;
     # int8_ffn_down_fp32 keeps the FFN down-projections, the main source of
     # int8 drift, in fp32).
@@ -205,6 +223,8 @@ class IndexConfig:
     tune_max_scan: float = 0.25
     tune_plateau: float = 0.002
     seed: int = 0
+    # "auto" picks PQ codes that GPU IVF-PQ supports (<= 96 sub-quantisers).
+    use_gpu: bool = False
     # Custom Ray resources each add task asks for (see encode.pool.resources).
     resources: dict[str, float] = field(default_factory=dict)
 
@@ -586,6 +606,24 @@ def _validate(cfg: Config) -> None:
         (cfg.encode.shard_size >= 1, "encode.shard_size must be >= 1"),
         (cfg.encode.pool.batch_size >= 1, "encode.pool.batch_size must be >= 1"),
         (cfg.encode.pool.micro_batch >= 1, "encode.pool.micro_batch must be >= 1"),
+        *(
+            check
+            for name, pool in (
+                ("encode.pool", cfg.encode.pool),
+                ("reranker.pool", cfg.reranker.pool),
+            )
+            for check in (
+                (
+                    0 < pool.gpus_per_actor <= 1 or float(pool.gpus_per_actor).is_integer(),
+                    f"{name}.gpus_per_actor must be in (0, 1] or a whole number",
+                ),
+                (pool.micro_tokens >= 0, f"{name}.micro_tokens must be >= 0"),
+                (
+                    pool.use_gpu or pool.precision != "fp16",
+                    f"{name}.precision=fp16 needs a GPU (use_gpu=true); on CPU use bf16",
+                ),
+            )
+        ),
         (cfg.reranker.pool.batch_size >= 1, "reranker.pool.batch_size must be >= 1"),
         (cfg.reranker.pool.micro_batch >= 1, "reranker.pool.micro_batch must be >= 1"),
         (0 <= cfg.mine.rank_from < cfg.mine.rank_to, "mine: need 0 <= rank_from < rank_to"),

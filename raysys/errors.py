@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input from the user (a config, a file, a command-line value)."""
+
+
+class GPUUnavailable(UserError):
+    """A GPU was asked for (``use_gpu=true``) where none can be used."""

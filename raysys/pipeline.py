@@ -74,7 +74,7 @@ def _retrieval(
 ) -> tuple[Row, Run | None]:
     """Encode, index, search and evaluate with one model; the row and its run."""
     label = "" if name in ("fine-tuned", "model") else f"{name} "
-    encoder = QueryEncoder(model, contract)
+    encoder = QueryEncoder(model, contract, cfg.encode.pool)
     emb_dir, index_dir = out.join("encode"), out.join("index")
     if "encode" in stages:
         m = clock.run(
@@ -90,6 +90,7 @@ def _retrieval(
     if "search" not in stages:
         return row, None
     result = clock.run(label + "search", search_stage, cfg, index_dir, queries, encoder)
+    encoder.close()  # a GPU query encoder gives its GPU back for the rerank pool
     write_run(result.run, out.join("run.trec"))
     row.index = dict(result.searcher.manifest)
     if "evaluate" in stages:

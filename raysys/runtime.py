@@ -131,6 +131,117 @@ def progress_channel() -> Any:
     return ray.remote(num_cpus=0)(ProgressChannel).remote()
 
 
+def autoscaler_max_gpus(ray: Any) -> int | None:
+    """The most GPUs the cluster's autoscaler may start (its node types'
+    max workers x GPUs), or None when there is no autoscaler config."""
+    try:
+        from ray._private import state
+
+        res = state.state.get_max_resources_from_cluster_config()
+    except Exception:  # no autoscaler, or the private API moved
+        return None
+    return int(res.get("GPU", 0)) if res else None
+
+
+def require_gpus(ray: Any, what: str, wait_s: float | None = None) -> float:
+    """The cluster's GPUs up now; a clear error at once when there are none
+    and none can come.
+
+    Without this, an actor or worker that asks for a GPU on a cluster with
+    none stays pending forever. A cluster whose autoscaler can start GPU
+    nodes (its config says so) returns 0: the pool starts small and grows as
+    they join. ``RAYSYS_GPU_WAIT_S`` (or ``wait_s``) waits that long for a
+    GPU to appear before failing.
+    """
+    import time
+
+    from raysys.errors import GPUUnavailable
+
+    if wait_s is None:
+        wait_s = float(os.environ.get("RAYSYS_GPU_WAIT_S", "0") or 0)
+    deadline = time.monotonic() + wait_s
+    while True:
+        resources = ray.cluster_resources()
+        gpus = float(resources.get("GPU", 0))
+        if gpus > 0:
+            return gpus
+        if (autoscaler_max_gpus(ray) or 0) > 0:
+            log.info("%s: no GPU node up yet; the autoscaler can start some", what)
+            return 0.0
+        if time.monotonic() >= deadline:
+            raise GPUUnavailable(
+                f"{what}: use_gpu=true but the Ray cluster has no GPU and its autoscaler "
+                f"can start none ({int(resources.get('CPU', 0))} CPUs, 0 GPUs"
+                + (f" after waiting {wait_s:g} s" if wait_s else "")
+                + "); set use_gpu=false, connect to a GPU cluster (RAY_ADDRESS), or set "
+                "RAYSYS_GPU_WAIT_S to wait for GPU nodes started another way"
+            )
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+
+def check_worker_device(use_gpu: bool, what: str) -> None:
+    """In a worker or actor that was given a GPU: fail unless torch can use it.
+
+    A node whose NVIDIA driver is older than torch's CUDA (or a mis-set
+    ``CUDA_VISIBLE_DEVICES``) would otherwise run the whole job on its CPU.
+    """
+    if not use_gpu:
+        return
+    import socket
+
+    import torch
+
+    from raysys.errors import GPUUnavailable
+
+    if torch.cuda.is_available():
+        return
+    try:
+        import ray
+
+        ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    except Exception:
+        ids = []
+    raise GPUUnavailable(
+        f"{what} on {socket.gethostname()}: a GPU was asked for (Ray GPU ids {ids}, "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}) but torch "
+        f"{torch.__version__} (built for CUDA {torch.version.cuda}) sees no CUDA device; "
+        "check the NVIDIA driver against torch's CUDA, or set use_gpu=false"
+    )
+
+
+@contextmanager
+def surface_user_errors() -> Iterator[None]:
+    """Re-raise a :class:`raysys.errors.UserError` that a Ray actor or task
+    raised (Ray wraps it, e.g. in ``ActorDiedError`` when an actor's
+    constructor fails) as itself, so the CLI prints one line for it."""
+    try:
+        yield
+    except Exception as e:
+        found = _user_error_in(e)
+        if found is None or found is e:
+            raise
+        raise found from e
+
+
+def _user_error_in(e: BaseException) -> BaseException | None:
+    from raysys import errors
+
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, errors.UserError):
+            return cur
+        cur = getattr(cur, "cause", None) or cur.__cause__
+    # Only the text survives some wrappers: "raysys.errors.<Name>: <message>".
+    for line in str(e).splitlines():
+        for name in ("GPUUnavailable", "UserError"):
+            tag = f"raysys.errors.{name}: "
+            if tag in line:
+                return getattr(errors, name)(line.split(tag, 1)[1].strip())
+    return None
+
+
 def worker_env(use_gpu: bool) -> dict[str, str]:
     """Environment for training workers (also set for `ray job submit`)."""
     from raysys.models.hub import cache_dir
@@ -181,8 +292,10 @@ def pool_strategy(ray: Any, pool: Any) -> tuple[dict[str, int], float, int]:
     by the GPUs up at submit time; it starts with as many actors as GPUs are
     up. A CPU pool keeps a fixed size (see :func:`pool_size`).
     """
+    if pool.use_gpu:
+        gpus = require_gpus(ray, "actor pool")
     if pool.use_gpu and not pool.actors:
-        up = int(ray.cluster_resources().get("GPU", 0))
+        up = int(gpus / pool.gpus_per_actor)
         cap = pool.max_actors or None
         initial = max(1, min(up, cap) if cap else up)
         return {"min_size": 1, "max_size": cap, "initial_size": initial}, 1.0, initial
@@ -262,5 +375,5 @@ def tokenize_and_map(
             "opts": {**dataclasses.asdict(pool), "actors": n_actors},
         },
         num_cpus=cpus,
-        num_gpus=1 if use_gpu else 0,
+        num_gpus=pool.gpus_per_actor if use_gpu else 0,
     )

@@ -58,9 +58,15 @@ class _FakeCluster:
         (0, 8, 0, {"size": 8}),  # fixed by the config, whatever is up
     ],
 )
-def test_gpu_pool_is_not_fixed_by_the_gpus_up_at_submit(gpus_up, actors, max_actors, want):
+def test_gpu_pool_is_not_fixed_by_the_gpus_up_at_submit(
+    monkeypatch, gpus_up, actors, max_actors, want
+):
+    from raysys import runtime
     from raysys.config import PoolConfig
     from raysys.runtime import pool_strategy
+
+    # An autoscaler that can start 2 nodes of 8 GPUs.
+    monkeypatch.setattr(runtime, "autoscaler_max_gpus", lambda ray: 16)
 
     pool = PoolConfig(use_gpu=True, actors=actors, max_actors=max_actors)
     strategy, cpus, _ = pool_strategy(_FakeCluster(16, gpus_up), pool)
@@ -73,6 +79,6 @@ def test_gpu_pool_strategy_is_accepted_by_ray_data():
     from raysys.config import PoolConfig
     from raysys.runtime import pool_strategy
 
-    strategy, _, _ = pool_strategy(_FakeCluster(16, 0), PoolConfig(use_gpu=True))
+    strategy, _, _ = pool_strategy(_FakeCluster(16, 1), PoolConfig(use_gpu=True))
     s = ray.data.ActorPoolStrategy(**strategy)
     assert (s.min_size, s.max_size, s.initial_size) == (1, float("inf"), 1)

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
@@ -39,10 +38,12 @@ from raysys.config import ConfigError
 from raysys.console import Progress
 from raysys.errors import UserError
 from raysys.index.encode import read_embeddings
+from raysys.index.faiss_lib import load_faiss
 from raysys.index.manifest import read_manifest, write_manifest
 from raysys.storage import Location, local_copy, resolve
 
 log = logging.getLogger(__name__)
+faiss = load_faiss()
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -52,11 +53,23 @@ ONDISK_AUTO_THRESHOLD = 5_000_000
 TUNE_K = 10
 
 
-def auto_factory(n: int, dim: int) -> tuple[str, dict[str, Any]]:
+# Sub-quantiser counts GPU IVF-PQ supports (faiss/gpu/impl/IVFPQ.cu), and
+# its limit on code bytes per vector (with float16 lookup tables).
+GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+# ... and the dimensions per sub-quantiser it supports.
+GPU_PQ_SUBDIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
+# CPU: at most this many code bytes per vector (a 4096-d decoder embedding
+# gets 256 B, not dim/2 = 2 KB).
+CPU_MAX_PQ_M = 256
+
+
+def auto_factory(n: int, dim: int, gpu: bool = False) -> tuple[str, dict[str, Any]]:
     """IVF-PQ sized from the data: nlist ~ 4 sqrt(n) (power of two, at least
-    39 training points per list), PQ with ``dim/4`` sub-quantisers of 8 bits
-    (fewer bits when the corpus cannot train 256 centroids per sub-space).
-    Tiny corpora get an exact ``Flat`` index."""
+    39 training points per list), PQ with ``dim/2`` sub-quantisers of 8 bits
+    up to :data:`CPU_MAX_PQ_M` (fewer bits when the corpus cannot train 256
+    centroids per sub-space); with ``gpu`` the largest count GPU IVF-PQ
+    supports (:data:`GPU_PQ_M`) that divides ``dim``. Tiny corpora get an
+    exact ``Flat`` index."""
     if n < 1000:
         return "Flat", {"reason": f"{n} vectors: exact search is cheaper than IVF"}
     nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
@@ -64,7 +77,21 @@ def auto_factory(n: int, dim: int) -> tuple[str, dict[str, Any]]:
         nlist //= 2
     # Two dimensions per sub-quantiser (8x smaller than float32): coarser codes
     # cost SciFact over 0.01 nDCG@10 whatever the nprobe.
-    m = next(m for m in (dim // 2, dim // 4, dim // 8, 8, 4, 2, 1) if m >= 1 and dim % m == 0)
+    if gpu:
+        m = max(m for m in GPU_PQ_M if dim % m == 0 and m <= max(1, dim // 2))
+        if dim // m not in GPU_PQ_SUBDIMS:
+            # Too wide for GPU codes (a 4096-d decoder embedding): an OPQ
+            # rotation down to 4 dimensions per sub-quantiser first.
+            m = max(x for x in GPU_PQ_M if 4 * x <= dim)
+            nbits = 8 if n >= 256 * 4 else max(4, int(math.log2(n / 4)))
+            return f"OPQ{m}_{4 * m},IVF{nlist},PQ{m}x{nbits}np", {
+                "nlist": nlist,
+                "pq_m": m,
+                "pq_nbits": nbits,
+                "opq_dim": 4 * m,
+            }
+    else:
+        m = max(m for m in range(1, max(1, min(dim // 2, CPU_MAX_PQ_M)) + 1) if dim % m == 0)
     nbits = 8 if n >= 256 * 4 else max(4, int(math.log2(n / 4)))
     # `np`: no polysemous training (FAISS's default for IVFPQ, 17x slower to
     # train here and not used by our search).
@@ -241,7 +268,7 @@ def build_index(
     n, dim = sum(s["rows"] for s in shards), int(emb["dim"])
     chosen: dict[str, Any] = {}
     if factory == "auto":
-        factory, chosen = auto_factory(n, dim)
+        factory, chosen = auto_factory(n, dim, gpu=icfg.use_gpu)
         log.info("index auto: %s for %d vectors of dim %d (%s)", factory, n, dim, chosen)
     metric = faiss.METRIC_INNER_PRODUCT
     try:

@@ -137,29 +137,50 @@ class EncodeShardActor:
         opts: dict[str, Any],
         progress: Any = None,
     ) -> None:
-        import torch
-
         from raysys.models.embedder import load_embedder
+        from raysys.models.inference import InferenceSettings
         from raysys.models.quantize import maybe_quantize
 
         set_actor_threads(opts)
-        self.device = "cuda" if opts.get("use_gpu") and torch.cuda.is_available() else "cpu"
+        self.settings = InferenceSettings.from_opts(opts, "encode actor")
+        self.settings.prepare()
+        self.device = self.settings.device
         self.contract = EncodingContract.from_dict(contract)
         model_path = resolve_model(model_path)  # a URI: copied to this node once
-        model, self.tok = load_embedder(model_path, self.device, self.contract)
+        model, self.tok = load_embedder(
+            model_path, self.device, self.contract, **self.settings.load_kwargs()
+        )
         self.model = maybe_quantize(model, opts, self.device)
         self.model_path = model_path
         self.reps = [get_representation(r) for r in representations]
-        self.bf16 = bool(opts.get("bf16"))
-        self.micro = int(opts.get("micro_batch", 32))
         self.dtype = dtype
         self.emb_dir = resolve(emb_dir)
         self.progress = progress
         self.node = _node_id()
 
+    def _micro_batches(self, texts: list[str]) -> Any:
+        """(rows, padded pinned batch) per forward pass: tokenized a chunk at
+        a time, cut by the row and token budgets (rows are longest first)."""
+        from raysys.models.inference import pin
+
+        tok = cached_tokenizer(self.model_path)
+        chunk = max(256, 4 * self.settings.micro_batch)
+        for start in range(0, len(texts), chunk):
+            ids = self.contract.token_ids(tok, texts[start : start + chunk], "passage")
+            for b in self.settings.batches([len(x) for x in ids]):
+                enc = EncodingContract.pad(self.tok, [ids[i] for i in b])
+                yield len(b), pin(dict(enc), self.device)
+
     def encode_shard(self, source: str) -> pa.Table:
-        """id plus the representation columns of one prepared shard."""
+        """id plus the representation columns of one prepared shard.
+
+        Tokenizing runs a few micro-batches ahead in a thread; outputs stay
+        on the device (in the shard's dtype) until the shard is done, so the
+        forward passes never wait for a device-to-host copy.
+        """
         import torch
+
+        from raysys.models.inference import prefetch, to_device
 
         shard = resolve(source).read_parquet()
         texts = [
@@ -168,26 +189,21 @@ class EncodeShardActor:
                 shard.column("text").to_pylist(), shard.column("title").to_pylist(), strict=True
             )
         ]
-        ids = self.contract.token_ids(cached_tokenizer(self.model_path), texts, "passage")
+        out_dtype = torch.float16 if self.dtype == "float16" else torch.float32
         outs: dict[str, list[Any]] = defaultdict(list)
-        with torch.inference_mode():
-            for i in range(0, len(ids), self.micro):
+        with torch.inference_mode(), self.settings.autocast():
+            for rows, enc in prefetch(self._micro_batches(texts)):
                 if THROTTLE_S:
                     time.sleep(THROTTLE_S)
-                enc = EncodingContract.pad(self.tok, ids[i : i + self.micro])
-                with torch.autocast(
-                    self.device, dtype=torch.bfloat16, enabled=self.bf16 and self.device == "cpu"
-                ):
-                    rep = self.model.represent(
-                        enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-                    )
+                enc = to_device(enc, self.device)
+                rep = self.model.represent(enc["input_ids"], enc["attention_mask"])
                 for name, value in rep.items():
-                    outs[name].append(value.float().cpu().numpy())
+                    outs[name].append(value.to(out_dtype))
                 if self.progress is not None:
-                    self.progress.put.remote({"rows": len(ids[i : i + self.micro])})
+                    self.progress.put.remote({"rows": rows})
         cols: dict[str, Any] = {"id": shard.column("id")}
         for r in self.reps:
-            cols.update(r.to_columns(np.concatenate(outs[r.name]), self.dtype))
+            cols.update(r.to_columns(torch.cat(outs[r.name]).cpu().numpy(), self.dtype))
         return pa.table(cols)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -321,7 +337,12 @@ def _run_encode(
 ) -> None:
     import dataclasses
 
-    from raysys.runtime import follow_progress, pool_strategy, progress_channel
+    from raysys.runtime import (
+        follow_progress,
+        pool_strategy,
+        progress_channel,
+        surface_user_errors,
+    )
 
     expected = {s["name"]: s["rows"] for s in pending}
     items = [
@@ -345,12 +366,12 @@ def _run_encode(
             "progress": channel,
         },
         num_cpus=cpus,
-        num_gpus=1 if enc.pool.use_gpu else 0,
+        num_gpus=enc.pool.gpus_per_actor if enc.pool.use_gpu else 0,
         **({"resources": dict(enc.pool.resources)} if enc.pool.resources else {}),
     )
     n_shards = len(manifest["shards"])
     bar = Progress("encode", sum(expected.values()), "passages")
-    with follow_progress(channel, lambda r: bar.update(r["rows"])):
+    with surface_user_errors(), follow_progress(channel, lambda r: bar.update(r["rows"])):
         for row in ds.iter_rows():
             name, rows = str(row["name"]), int(row["rows"])
             if rows != expected[name]:

@@ -76,21 +76,25 @@ def build_backbone(
     lora: Any | None = None,
     gradient_checkpointing: bool = False,
     dtype: torch.dtype | None = None,
+    attn_implementation: str = "",
 ) -> nn.Module:
-    """Load an ``AutoModel`` (or build it from config) and apply LoRA if asked."""
+    """Load an ``AutoModel`` (or build it from config) and apply LoRA if asked.
+
+    ``dtype`` overrides the checkpoint's (training passes float32, so a
+    half-precision checkpoint still gets fp32 master weights);
+    ``attn_implementation`` names the attention kernel (sdpa, flash_attention_2).
+    """
     from transformers import AutoConfig, AutoModel
 
+    kw: dict[str, Any] = {}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
     if random_init:
-        config = AutoConfig.from_pretrained(path)
-        backbone = (
-            AutoModel.from_config(config, dtype=dtype) if dtype else AutoModel.from_config(config)
-        )
+        backbone = AutoModel.from_config(AutoConfig.from_pretrained(path), **kw)
     else:
-        backbone = (
-            AutoModel.from_pretrained(path, dtype=dtype)
-            if dtype
-            else AutoModel.from_pretrained(path)
-        )
+        backbone = AutoModel.from_pretrained(path, **kw)
     if gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.2x

@@ -237,18 +237,23 @@ def load_embedder(
     path: str,
     device: str | torch.device = "cpu",
     contract: EncodingContract | None = None,
+    **load_kwargs: Any,
 ) -> tuple[Embedder, Any]:
     """Load a model for encoding: a raysys export (merged or adapter, with its
-    contract) or a plain Hugging Face model with ``contract`` given."""
+    contract) or a plain Hugging Face model with ``contract`` given.
+
+    ``load_kwargs`` go to ``from_pretrained`` (``dtype``, ``attn_implementation``;
+    see :mod:`raysys.models.inference`)."""
     from transformers import AutoModel
 
+    load_kwargs.setdefault("dtype", torch.float32)  # not the checkpoint's (see inference.py)
     path, contract = resolve_contract(path, contract)
     if contract.base_model:
         from peft import PeftModel
 
-        base = AutoModel.from_pretrained(resolve_model(contract.base_model))
+        base = AutoModel.from_pretrained(resolve_model(contract.base_model), **load_kwargs)
         backbone = PeftModel.from_pretrained(base, path).merge_and_unload()
     else:
-        backbone = AutoModel.from_pretrained(path)
+        backbone = AutoModel.from_pretrained(path, **load_kwargs)
     model = Embedder(backbone, contract).to(device).eval()
     return model, load_tokenizer(path)

@@ -98,9 +98,54 @@ def _convert_smollm(dest: Path) -> None:
     tok.save_pretrained(dest)
 
 
+# Weight formats raysys never loads: not fetched with a hub snapshot.
+_HUB_IGNORE = ["*.onnx", "onnx/*", "openvino/*", "*.h5", "*.msgpack", "*.ot", "*.gguf", "*.tflite"]
+
+
+def hub_snapshot(repo: str) -> str:
+    """The local snapshot folder of Hugging Face hub model ``repo`` (``org/name``,
+    optionally ``@revision``): from the hub cache, fetched when online.
+
+    Every stage then works on a folder: weights fingerprints, contracts and
+    tokenizers read files, and each node fetches the model once into its
+    own cache.
+    """
+    from raysys.errors import UserError
+
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - transformers depends on it
+        raise UserError(f"model {repo!r}: huggingface_hub is not installed") from e
+    repo_id, _, revision = repo.partition("@")
+    try:
+        return snapshot_download(
+            repo_id=repo_id, revision=revision or None, ignore_patterns=_HUB_IGNORE
+        )
+    except Exception as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        raise UserError(
+            f"model {repo!r} is not a local folder, an alias or a storage URI, and the "
+            f"Hugging Face hub gave no snapshot ({type(e).__name__}"
+            + (": HF_HUB_OFFLINE is set and it is not in the hub cache" if offline else "")
+            + ")"
+        ) from e
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    repo = spec.partition("@")[0]
+    parts = repo.split("/")
+    return (
+        0 < len(parts) <= 2
+        and all(p and not p.startswith(".") for p in parts)
+        and not spec.startswith(("/", "~", "."))
+    )
+
+
 def resolve_model(spec: str) -> str:
-    """Return a local path for an alias or a storage URI (copied to this
-    node's cache, e.g. an export under ``s3://``), else ``spec`` unchanged."""
+    """A local folder for ``spec``: an alias (a model shipped in a pip
+    package), a storage URI (copied to this node's cache, e.g. an export
+    under ``s3://``), a local folder, or a Hugging Face hub id (its cached
+    snapshot, fetched when online)."""
     from raysys.storage import is_uri, local_copy
 
     if is_uri(spec):
@@ -110,4 +155,6 @@ def resolve_model(spec: str) -> str:
         return str(minilm_path())
     if key in SMOLLM_ALIASES:
         return str(smollm_path())
-    return spec
+    if Path(spec).expanduser().exists() or not _looks_like_hub_id(spec):
+        return spec
+    return hub_snapshot(spec)

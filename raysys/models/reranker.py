@@ -68,15 +68,19 @@ def export_reranker(
     return out
 
 
-def load_reranker(path: str | Path, device: str = "cpu") -> tuple[Reranker, Any]:
-    """Load an exported reranker for scoring (eval mode)."""
+def load_reranker(
+    path: str | Path, device: str = "cpu", **load_kwargs: Any
+) -> tuple[Reranker, Any]:
+    """Load an exported reranker for scoring (eval mode); ``load_kwargs`` go
+    to ``from_pretrained`` (see :mod:`raysys.models.inference`)."""
     from safetensors.torch import load_file
     from transformers import AutoModel
 
+    load_kwargs.setdefault("dtype", torch.float32)  # not the checkpoint's (see inference.py)
     path = Path(resolve_model(str(path)))
     contract = RerankContract.load(path)
     contract.fingerprint = weights_fingerprint(path)
-    backbone = AutoModel.from_pretrained(path)
+    backbone = AutoModel.from_pretrained(path, **load_kwargs)
     model = Reranker(backbone, contract)
     model.head.load_state_dict(load_file(path / HEAD_FILE))
     model.to(device).eval()
@@ -89,28 +93,52 @@ class Scorer:
     def __init__(
         self, path: str | Path, device: str = "cpu", opts: dict[str, Any] | None = None
     ) -> None:
-        """``opts``: a pool section as a dict (``micro_batch``, ``int8``, ...)."""
+        """``opts``: a pool section as a dict (``micro_batch``, ``micro_tokens``,
+        ``precision``, ``int8``, ...; see :mod:`raysys.models.inference`)."""
+        from raysys.models.inference import InferenceSettings
+
         opts = opts or {}
-        model, self.tokenizer = load_reranker(path, device)
+        self.settings = InferenceSettings.for_device(str(device), opts)
+        self.settings.prepare()
+        model, self.tokenizer = load_reranker(path, device, **self.settings.load_kwargs())
         self.contract = model.contract
         self.model = maybe_quantize(model, opts, device)
-        self.device = device
-        self.micro = int(opts.get("micro_batch", 32))
+        self.device = str(device)
+
+    def _micro_batches(self, ids: list[list[int]], order: list[int]) -> Any:
+        from raysys.models.inference import pin
+
+        for b in self.settings.batches([len(ids[i]) for i in order]):
+            chunk = [order[j] for j in b]
+            enc = self.tokenizer.pad(
+                {"input_ids": [ids[i] for i in chunk]}, padding=True, return_tensors="pt"
+            )
+            yield (
+                chunk,
+                pin(
+                    {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
+                    self.device,
+                ),
+            )
 
     def score_ids(self, ids: list[list[int]]) -> list[float]:
+        """Scores of tokenized pairs, longest first in token-budget micro-batches
+        (padding runs a batch ahead in a thread; scores stay on the device
+        until the end)."""
+        from raysys.models.inference import prefetch, to_device
+
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        chunks, outs = [], []
+        with torch.inference_mode(), self.settings.autocast():
+            for chunk, enc in prefetch(self._micro_batches(ids, order)):
+                enc = to_device(enc, self.device)
+                outs.append(self.model(enc["input_ids"], enc["attention_mask"]).float())
+                chunks.append(chunk)
         scores = [0.0] * len(ids)
-        with torch.inference_mode():
-            for s in range(0, len(order), self.micro):
-                chunk = order[s : s + self.micro]
-                enc = self.tokenizer.pad(
-                    {"input_ids": [ids[i] for i in chunk]}, padding=True, return_tensors="pt"
-                )
-                out = self.model(
-                    enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-                )
-                for i, v in zip(chunk, out.float().cpu().tolist(), strict=True):
-                    scores[i] = v
+        if outs:
+            flat = torch.cat(outs).cpu().tolist()
+            for i, v in zip((i for c in chunks for i in c), flat, strict=True):
+                scores[i] = v
         return scores
 
     def score(self, queries: list[str], docs: list[tuple[str, str]]) -> list[float]:

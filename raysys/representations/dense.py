@@ -26,7 +26,9 @@ class DenseIndex:
 
     @property
     def nlist(self) -> int:
-        import faiss
+        from raysys.index.faiss_lib import load_faiss
+
+        faiss = load_faiss()
 
         try:
             return int(faiss.extract_index_ivf(self.index).nlist)
@@ -34,7 +36,9 @@ class DenseIndex:
             return 0
 
     def search(self, queries: Any, k: int, nprobe: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
+        from raysys.index.faiss_lib import load_faiss
+
+        faiss = load_faiss()
 
         nprobe = nprobe or self.default_nprobe
         if nprobe and self.nlist:

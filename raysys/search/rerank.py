@@ -21,7 +21,7 @@ from raysys.console import Progress
 from raysys.contract import RerankContract
 from raysys.data.readers import Report
 from raysys.models.backbone import cached_tokenizer
-from raysys.runtime import ensure_ray, set_actor_threads, tokenize_and_map
+from raysys.runtime import ensure_ray, set_actor_threads, surface_user_errors, tokenize_and_map
 from raysys.search.fusion import interpolate
 from raysys.search.runfile import Run
 
@@ -96,13 +96,12 @@ class RerankActor:
     """Ray Data actor: holds the reranker, scores tokenized pairs."""
 
     def __init__(self, model_path: str, opts: dict[str, Any]) -> None:
-        import torch
-
         from raysys.models.reranker import Scorer
+        from raysys.runtime import check_worker_device
 
         set_actor_threads(opts)
-        device = "cuda" if opts.get("use_gpu") and torch.cuda.is_available() else "cpu"
-        self.scorer = Scorer(model_path, device, opts)
+        check_worker_device(bool(opts.get("use_gpu")), "rerank actor")
+        self.scorer = Scorer(model_path, "cuda" if opts.get("use_gpu") else "cpu", opts)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         scores = self.scorer.score_ids(batch.column("input_ids").to_pylist())
@@ -122,8 +121,12 @@ def score_pairs_ray(pairs: pa.Table, model_path: str, pool: Any) -> pa.Table:
 
     ensure_ray()
     contract = RerankContract.load(model_path).to_dict()
+    # Several blocks, so the pairs are tokenized by several tasks in parallel
+    # (one table is one block: one task would tokenize them all).
+    step = max(1, pool.batch_size * 4)
+    blocks = [pairs.slice(i, step) for i in range(0, pairs.num_rows, step)] or [pairs]
     ds = tokenize_and_map(
-        ray.data.from_arrow(pairs),
+        ray.data.from_arrow(blocks),
         tokenize=tokenize_pairs,
         tokenize_kwargs={"model_path": model_path, "contract": contract},
         actor=RerankActor,
@@ -132,9 +135,10 @@ def score_pairs_ray(pairs: pa.Table, model_path: str, pool: Any) -> pa.Table:
     )
     parts = []
     bar = Progress("rerank", pairs.num_rows, "pairs")
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        parts.append(batch)
-        bar.update(batch.num_rows)
+    with surface_user_errors():
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            parts.append(batch)
+            bar.update(batch.num_rows)
     bar.close()
     if not parts:
         return pa.table({"qid": [], "docid": [], "score": pa.array([], pa.float64())})

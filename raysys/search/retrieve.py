@@ -19,23 +19,87 @@ log = logging.getLogger(__name__)
 
 
 class QueryEncoder:
-    """A query encoder, loaded once on first use (nprobe tuning, then search)."""
+    """A query encoder, loaded once on first use (nprobe tuning, then search).
 
-    def __init__(self, model: str, contract: EncodingContract | None) -> None:
-        self.model, self.contract = model, contract
+    With a GPU pool (``pool.use_gpu``, a :class:`raysys.config.PoolConfig`:
+    ``encode.pool``) the model runs in one Ray actor on a GPU, under the
+    pool's precision settings; otherwise on the driver's CPU.
+    """
+
+    def __init__(
+        self, model: str, contract: EncodingContract | None, pool: Any | None = None
+    ) -> None:
+        self.model, self.contract, self.pool = model, contract, pool
         self._loaded: tuple[Any, Any] | None = None
+        self._actor: Any = None
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.pool is not None and self.pool.use_gpu)
 
     def get(self) -> tuple[Any, Any]:
-        """``(embedder, tokenizer)``."""
+        """``(embedder, tokenizer)`` on the driver."""
         if self._loaded is None:
             from raysys.models.embedder import load_embedder
 
             self._loaded = load_embedder(self.model, "cpu", self.contract)
         return self._loaded
 
+    def _get_actor(self) -> Any:
+        if self._actor is None:
+            import dataclasses
+
+            import ray
+
+            from raysys.runtime import ensure_ray, require_gpus
+
+            ensure_ray()
+            require_gpus(ray, "query encoding (encode.pool.use_gpu)")
+            cls = ray.remote(num_gpus=self.pool.gpus_per_actor, num_cpus=1)(QueryEncodeActor)
+            contract = self.contract.to_dict() if self.contract is not None else None
+            self._actor = cls.remote(self.model, contract, dataclasses.asdict(self.pool))
+        return self._actor
+
     def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        if self.remote:
+            import ray
+
+            from raysys.runtime import surface_user_errors
+
+            with surface_user_errors():
+                return ray.get(self._get_actor().encode.remote(texts, batch_size))
         embedder, tok = self.get()
         return embedder.encode_texts(tok, texts, "query", batch_size).numpy()
+
+    def close(self) -> None:
+        """Release the GPU actor, if any."""
+        if self._actor is not None:
+            import ray
+
+            ray.kill(self._actor)
+            self._actor = None
+
+
+class QueryEncodeActor:
+    """Ray actor: the query encoder on a GPU (see :class:`QueryEncoder`)."""
+
+    def __init__(self, model: str, contract: dict[str, Any] | None, opts: dict[str, Any]) -> None:
+        from raysys.models.embedder import load_embedder
+        from raysys.models.inference import InferenceSettings
+
+        self.settings = InferenceSettings.from_opts(opts, "query encoder")
+        self.settings.prepare()
+        c = EncodingContract.from_dict(contract) if contract is not None else None
+        self.embedder, self.tok = load_embedder(
+            model, self.settings.device, c, **self.settings.load_kwargs()
+        )
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        with self.settings.autocast():
+            return self.embedder.encode_texts(self.tok, texts, "query", batch_size).numpy()
+
+    def device(self) -> str:
+        return str(next(self.embedder.parameters()).device)
 
 
 class Searcher:

@@ -20,17 +20,17 @@ def setup_accelerator_env(use_gpu: bool) -> None:
     )
 
 
-def deepspeed_config(train: Any, world_size: int) -> dict[str, Any]:
-    """Build the DeepSpeed config dict from a :class:`raysys.config.TrainConfig`."""
+def deepspeed_config(train: Any, world_size: int, lora: bool = False) -> dict[str, Any]:
+    """Build the DeepSpeed config dict from a :class:`raysys.config.TrainConfig`
+    (``lora``: the task trains LoRA adapters)."""
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.zero_stage == 3:
-        zero.update(
-            {
-                "stage3_gather_16bit_weights_on_model_save": True,
-                # Small models: do not hold back parameter prefetch/persistence.
-                "stage3_param_persistence_threshold": 0,
-            }
-        )
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if not lora:
+            # Full fine-tuning: partition every parameter, small ones too.
+            # Under LoRA DeepSpeed's default threshold keeps the small adapter
+            # matrices whole, so they are not all-gathered at each micro-step.
+            zero["stage3_param_persistence_threshold"] = 0
     return {
         "train_micro_batch_size_per_gpu": train.per_device_queries,
         "gradient_accumulation_steps": train.grad_accum,
@@ -38,6 +38,8 @@ def deepspeed_config(train: Any, world_size: int) -> dict[str, Any]:
         "gradient_clipping": train.optim.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
+        # Dynamic loss scaling for fp16 (GPUs without bf16: V100, T4).
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -12,7 +12,7 @@ from typing import Any
 
 from raysys.config import Config, to_dict
 from raysys.console import duration
-from raysys.runtime import ensure_ray, progress_channel, worker_env
+from raysys.runtime import ensure_ray, progress_channel, require_gpus, worker_env
 from raysys.storage import Location, resolve
 from raysys.train.monitor import TrainMonitor
 from raysys.train.tasks import get_task
@@ -51,10 +51,12 @@ def run_training(cfg: Config, out_dir: str | Path | Location) -> TrainOutcome:
     out.mkdir()
     task_cls = get_task(t.task)
     task = task_cls(cfg)
+    ensure_ray()
+    if sc.use_gpu:  # before the data load: fail in seconds, not after it
+        require_gpus(ray, "training (train.scaling.use_gpu)")
     data = task.load_data()
     data_summary = task.data_summary(data)
     log.info("training data (%s): %s", t.task, data_summary)
-    ensure_ray()
     storage = resolve(ck.storage_path or out.join("ray_storage"))
     # A remote --out: TensorBoard files are written here, then copied there.
     staging = Path(tempfile.mkdtemp(prefix="raysys-train-")) if out.is_remote else None

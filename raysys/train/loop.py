@@ -30,6 +30,7 @@ from torch import nn
 
 from raysys.config import Config, config_from_dict
 from raysys.models.backbone import load_tokenizer
+from raysys.runtime import check_worker_device
 from raysys.train.engine import deepspeed_config, initialize, setup_accelerator_env
 from raysys.train.steps import make_step
 from raysys.train.tasks import get_task
@@ -70,24 +71,55 @@ def micro_batch_indices(
     return epoch, [int(i) for i in perm[start : start + b]]
 
 
-def _full_state_dict(module: nn.Module, stage: int) -> dict[str, torch.Tensor] | None:
-    """The full (gathered) weights of ``module`` on rank 0, else None."""
+def gather_full_state_dict(
+    module: nn.Module, stage: int, trainable_only: bool = False
+) -> dict[str, torch.Tensor] | None:
+    """The full (gathered) weights of ``module`` on rank 0, else None.
+
+    Under ZeRO-3 the parameters are gathered one at a time, so no rank ever
+    holds more than one full parameter beyond its shard, and rank 0 keeps a
+    host copy in the parameter's own dtype (bf16 stays bf16). With
+    ``trainable_only`` (LoRA on a pretrained base: the export rebuilds the
+    frozen weights from the checkpoint) only trainable parameters are
+    gathered.
+    """
     import deepspeed
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if stage == 3:
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            sd = (
-                {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-                if rank == 0
-                else None
-            )
-        return sd
-    if rank != 0:
-        return None
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    params = list(module.named_parameters(remove_duplicate=False))
+    trainable = {n for n, p in params if p.requires_grad}
+    keys = [k for k in module.state_dict() if not trainable_only or k in trainable]
+    if stage != 3:
+        if rank != 0:
+            return None
+        full = module.state_dict()
+        return {k: full[k].detach().cpu().clone() for k in keys}
+    sd: dict[str, torch.Tensor] = {}
+    by_name = dict(params)
+    buffers = dict(module.named_buffers())
+    for name in keys:
+        if name in by_name:
+            with deepspeed.zero.GatheredParameters([by_name[name]], modifier_rank=None):
+                if rank == 0:
+                    sd[name] = by_name[name].detach().cpu().clone()
+        elif rank == 0 and name in buffers:  # buffers are not partitioned
+            sd[name] = buffers[name].detach().cpu().clone()
+    return sd if rank == 0 else None
+
+
+def sum_across_workers(values: list[float], device: torch.device, world: int) -> list[float]:
+    """Element-wise sum of ``values`` over every worker.
+
+    The tensor lives on the engine's device: on GPUs Ray Train's process
+    group is NCCL-only, and an all-reduce of a CPU tensor fails there.
+    """
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(t)
+    return [float(x) for x in t.tolist()]
 
 
 def train_func(config: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +135,6 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     t = cfg.train
     setup_accelerator_env(t.scaling.use_gpu)
     import deepspeed  # after the accelerator env is set
-    import torch.distributed as dist
 
     # Reuse the process group Ray Train set up (gloo on CPU, nccl on GPU).
     deepspeed.init_distributed()
@@ -115,6 +146,10 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         if t.scaling.use_gpu and torch.cuda.is_available()
         else torch.device("cpu")
     )
+    check_worker_device(t.scaling.use_gpu, "training worker")
+    if device.type == "cuda":
+        # NCCL collectives of objects (all_gather_object) use the current device.
+        torch.cuda.set_device(device)
 
     data = config["data"]
     if isinstance(data, ray.ObjectRef):
@@ -123,7 +158,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     model_path = task.model_path()
     tokenizer = load_tokenizer(model_path)
     micro_per_epoch, total_steps = plan_steps(len(data), t, world)
-    ds_config = deepspeed_config(t, world)
+    ds_config = deepspeed_config(t, world, lora=task.uses_lora())
 
     hf_ds = None
     if t.zero_stage == 3:
@@ -166,7 +201,11 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     def save(step: int, metrics: dict[str, Any], final: bool) -> None:
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=f"step-{step}", client_state={"step": step})
-            sd = _full_state_dict(exported, t.zero_stage) if final else None
+            sd = (
+                gather_full_state_dict(exported, t.zero_stage, task.frozen_from_checkpoint())
+                if final
+                else None
+            )
             probe = task.probe(engine.module, tokenizer, data) if final else None
             if rank == 0:
                 (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
@@ -199,18 +238,16 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         done = step + 1
         # Every step is recorded (history, TensorBoard, the driver's bar);
         # log_steps only paces the log lines and Ray Train's reports.
-        counts = torch.tensor([n_examples, n_tokens, step_loss], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(counts)
+        counts = sum_across_workers([n_examples, n_tokens, step_loss], device, world)
         elapsed = time.perf_counter() - t0
         metrics = {
             "step": done,
             "total_steps": total_steps,
             "epoch": (done * t.grad_accum) / micro_per_epoch,
-            "loss": counts[2].item() / world,
+            "loss": counts[2] / world,
             "lr": scheduler.get_last_lr()[0],
-            "examples_per_s": counts[0].item() / elapsed,
-            "tokens_per_s": counts[1].item() / elapsed,
+            "examples_per_s": counts[0] / elapsed,
+            "tokens_per_s": counts[1] / elapsed,
         }
         history.append(metrics)
         if progress is not None:

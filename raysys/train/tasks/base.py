@@ -78,6 +78,16 @@ class Task(ABC):
         """The part of the trained module whose full weights the export needs."""
         return module
 
+    def uses_lora(self) -> bool:
+        """True when the task trains LoRA adapters (DeepSpeed keeps them whole)."""
+        return False
+
+    def frozen_from_checkpoint(self) -> bool:
+        """True when the frozen weights equal the checkpoint's (LoRA on a
+        pretrained base): the loop then gathers only the trainable ones, and
+        :meth:`export` rebuilds the rest from the checkpoint."""
+        return False
+
     @abstractmethod
     def collator(self, data: Any, tokenizer: Any) -> Callable[[list[int], int], Batch]:
         """``collate(example_indices, epoch) -> batch`` (deterministic)."""

@@ -74,8 +74,18 @@ class RerankTask(GroupsTask):
             random_init=r.random_init,
             lora=r.lora,
             gradient_checkpointing=self.cfg.train.gradient_checkpointing,
+            # fp32 master weights whatever the checkpoint's dtype (DeepSpeed
+            # casts the module for bf16/fp16 and keeps fp32 in the optimizer).
+            dtype=torch.float32,
+            attn_implementation=self.cfg.train.attn_implementation,
         )
         return Reranker(backbone, self.cfg.rerank_contract())
+
+    def uses_lora(self) -> bool:
+        return self.cfg.reranker.lora.enabled
+
+    def frozen_from_checkpoint(self) -> bool:
+        return self.uses_lora() and not self.cfg.reranker.random_init
 
     def collator(self, data: TrainingSet, tokenizer: Any) -> RerankCollator:
         t = self.cfg.train
@@ -110,12 +120,14 @@ class RerankTask(GroupsTask):
     def export(self, state_dict: dict[str, torch.Tensor], tokenizer: Any, out: Path) -> None:
         """Rebuild the reranker un-partitioned, load the gathered weights, export."""
         r = self.cfg.reranker
+        partial = self.frozen_from_checkpoint()  # frozen weights from the checkpoint
         model = Reranker(
-            build_backbone(self.model_path(), random_init=True, lora=r.lora),
+            build_backbone(self.model_path(), random_init=not partial, lora=r.lora),
             self.cfg.rerank_contract(),
         )
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        if unexpected or missing:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if unexpected or (set(missing) & trainable if partial else missing):
             raise RuntimeError(
                 f"export: state dict mismatch (missing {missing}, unexpected {unexpected})"
             )

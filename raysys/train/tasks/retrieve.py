@@ -111,11 +111,21 @@ class RetrieveTask(GroupsTask):
             random_init=m.random_init,
             lora=m.lora,
             gradient_checkpointing=self.cfg.train.gradient_checkpointing,
+            # fp32 master weights whatever the checkpoint's dtype (DeepSpeed
+            # casts the module for bf16/fp16 and keeps fp32 in the optimizer).
+            dtype=torch.float32,
+            attn_implementation=self.cfg.train.attn_implementation,
         )
         return DualEncoder(Embedder(backbone, self.cfg.encoding_contract()))
 
     def export_module(self, module: nn.Module) -> nn.Module:
         return module.embedder.backbone
+
+    def uses_lora(self) -> bool:
+        return self.cfg.model.lora.enabled
+
+    def frozen_from_checkpoint(self) -> bool:
+        return self.uses_lora() and not self.cfg.model.random_init
 
     def collator(self, data: TrainingSet, tokenizer: Any) -> RetrievalCollator:
         t = self.cfg.train
@@ -174,7 +184,11 @@ class RetrieveTask(GroupsTask):
     def export(self, state_dict: dict[str, torch.Tensor], tokenizer: Any, out: Path) -> None:
         """Rebuild the backbone un-partitioned, load the gathered weights, export."""
         m = self.cfg.model
-        backbone = build_backbone(self.model_path(), random_init=True, lora=m.lora)
+        # LoRA on a pretrained base: the frozen weights come from the
+        # checkpoint and ``state_dict`` holds the trainable ones only.
+        backbone = build_backbone(
+            self.model_path(), random_init=not self.frozen_from_checkpoint(), lora=m.lora
+        )
         missing, unexpected = backbone.load_state_dict(state_dict, strict=False)
         if unexpected or [k for k in missing if "lora_" in k]:
             raise RuntimeError(

@@ -223,8 +223,11 @@ class IndexConfig:
     tune_max_scan: float = 0.25
     tune_plateau: float = 0.002
     seed: int = 0
-    # "auto" picks PQ codes that GPU IVF-PQ supports (<= 96 sub-quantisers).
+    # Train the index on a GPU task and add shards on GPU tasks (faiss-gpu on
+    # the GPU nodes); "auto" then picks PQ codes GPU IVF-PQ supports.
     use_gpu: bool = False
+    # GPU share of one add task (several small adds share a GPU).
+    gpus_per_task: float = 0.25
     # Custom Ray resources each add task asks for (see encode.pool.resources).
     resources: dict[str, float] = field(default_factory=dict)
 
@@ -624,6 +627,7 @@ def _validate(cfg: Config) -> None:
                 ),
             )
         ),
+        (0 < cfg.index.gpus_per_task <= 1, "index.gpus_per_task must be in (0, 1]"),
         (cfg.reranker.pool.batch_size >= 1, "reranker.pool.batch_size must be >= 1"),
         (cfg.reranker.pool.micro_batch >= 1, "reranker.pool.micro_batch must be >= 1"),
         (0 <= cfg.mine.rank_from < cfg.mine.rank_to, "mine: need 0 <= rank_from < rank_to"),

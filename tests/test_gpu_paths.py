@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -581,3 +582,38 @@ def test_an_opq_ivfpq_index_builds_and_searches_through_the_index_stage(ray_loca
     m = read_manifest(out)
     assert m["count"] == 4000 and m["factory"].startswith("OPQ8_32")
     assert max(m["nprobe_recall_at_10"].values()) > 0.5
+
+
+def test_index_use_gpu_without_a_gpu_fails_before_reading(ray_local, tmp_path, capsys):
+    from benchmarks.index_memory import write_shards
+    from raysys.cli import main
+    from raysys.index.encode import EMB_DIR
+
+    (tmp_path / "enc" / EMB_DIR).mkdir(parents=True)
+    write_shards(tmp_path / "enc" / EMB_DIR, 2000, 1000)
+    t0 = time.perf_counter()
+    rc = main(
+        [
+            "index",
+            "-",
+            "index.use_gpu=true",
+            f"--embeddings={tmp_path / 'enc'}",
+            f"--out={tmp_path / 'i'}",
+        ]
+    )
+    assert rc == 2 and time.perf_counter() - t0 < 10
+    assert (
+        "index (index.use_gpu): use_gpu=true but the Ray cluster has no GPU"
+        in capsys.readouterr().err
+    )
+
+
+def test_gpu_index_training_refuses_a_faiss_without_gpus():
+    """A GPU task whose FAISS is faiss-cpu (or sees no GPU) says so, not
+    silently trains on the CPU."""
+    from raysys.errors import GPUUnavailable
+    from raysys.index.build import faiss, train_on_gpu
+
+    untrained = faiss.serialize_index(faiss.index_factory(8, "IVF4,Flat")).tobytes()
+    with pytest.raises(GPUUnavailable, match=r"FAISS \(faiss-cpu\) sees no GPU.*raysys\[gpu\]"):
+        train_on_gpu(untrained, np.zeros((100, 8), np.float32))

@@ -40,6 +40,7 @@ from raysys.errors import UserError
 from raysys.index.encode import read_embeddings
 from raysys.index.faiss_lib import load_faiss
 from raysys.index.manifest import read_manifest, write_manifest
+from raysys.runtime import surface_user_errors
 from raysys.storage import Location, local_copy, resolve
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,52 @@ def _draw(
     return samples, reads
 
 
+def require_faiss_gpu(what: str) -> Any:
+    """GPU resources of this process's FAISS, or a clear error (faiss-cpu,
+    or no GPU visible to this worker)."""
+    import socket
+
+    from raysys.errors import GPUUnavailable
+    from raysys.index.faiss_lib import faiss_distributions
+
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        raise GPUUnavailable(
+            f"{what} on {socket.gethostname()}: index.use_gpu=true but FAISS "
+            f"({', '.join(faiss_distributions()) or 'unknown build'}) sees no GPU; install "
+            "raysys[gpu] (faiss-gpu-cu12) on the GPU nodes, or set index.use_gpu=false"
+        )
+    return faiss.StandardGpuResources()
+
+
+def _to_gpu(res: Any, index: Any) -> Any | None:
+    """A GPU copy of ``index``, or None for a type GPU FAISS cannot hold."""
+    try:
+        return faiss.index_cpu_to_gpu(res, 0, index)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def train_on_gpu(untrained: bytes, sample: np.ndarray) -> bytes:
+    """Train a serialised index on this process's GPU (a Ray task with a
+    GPU, or any process that has one); returns the trained CPU index,
+    serialised. Indexes GPU FAISS cannot hold train on the CPU with their
+    coarse k-means on the GPU."""
+    res = require_faiss_gpu("index training")
+    index = faiss.deserialize_index(np.frombuffer(untrained, dtype=np.uint8))
+    gpu = _to_gpu(res, index)
+    if gpu is not None:
+        gpu.train(sample)
+        return faiss.serialize_index(faiss.index_gpu_to_cpu(gpu)).tobytes()
+    ivf = _ivf(index)
+    if ivf is not None:
+        flat = faiss.IndexFlat(ivf.d, ivf.metric_type)
+        ivf.clustering_index = faiss.index_cpu_to_gpu(res, 0, flat)
+    index.train(sample)
+    if ivf is not None:
+        ivf.clustering_index = None
+    return faiss.serialize_index(index).tobytes()
+
+
 def _add_shard(
     trained: bytes,
     emb_dir: str,
@@ -218,18 +265,27 @@ def _add_shard(
     start: int,
     part: str,
     queries: np.ndarray | None,
+    gpu: bool = False,
 ) -> dict[str, Any]:
     """Ray task: read one shard once; add its vectors (ids = global row
-    numbers) to a copy of the trained index, written to ``part``; find the
-    tuning queries' exact top k in it. Returns the shard's ids, the top k,
-    the task's peak RSS (MiB) and its node."""
+    numbers) to a copy of the trained index (on the task's GPU with
+    ``gpu``), written to ``part``; find the tuning queries' exact top k in
+    it. Returns the shard's ids, the top k, the task's peak RSS (MiB) and
+    its node."""
     import resource
 
     import ray
 
     index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     ids, vecs = read_embeddings(emb_dir, shard)
-    index.add_with_ids(vecs, np.arange(start, start + len(vecs), dtype=np.int64))
+    row_ids = np.arange(start, start + len(vecs), dtype=np.int64)
+    on_gpu = _to_gpu(require_faiss_gpu("index add task"), index) if gpu else None
+    if on_gpu is not None:
+        on_gpu.add_with_ids(vecs, row_ids)
+        index = faiss.index_gpu_to_cpu(on_gpu)
+        del on_gpu
+    else:
+        index.add_with_ids(vecs, row_ids)
     resolve(part).write_bytes(faiss.serialize_index(index).tobytes())
     top = exact_topk(queries, vecs, start) if queries is not None and len(queries) else None
     return {
@@ -255,9 +311,12 @@ def build_index(
     """
     import ray
 
-    from raysys.runtime import ensure_ray
+    from raysys.runtime import ensure_ray, require_gpus
 
     factory, seed = icfg.factory, icfg.seed
+    if icfg.use_gpu:  # before any reading: fail in seconds
+        ensure_ray()
+        require_gpus(ray, "index (index.use_gpu)")
     emb_dir, out = resolve(emb_dir), resolve(out_dir)
     emb = read_manifest(emb_dir)
     if not emb.get("complete"):
@@ -308,7 +367,16 @@ def build_index(
         )
         if n_tune:
             queries = corpus_queries
-        if train_size:
+        if train_size and icfg.use_gpu:
+            # The whole index trains on a GPU task (a GPU node), not the driver.
+            log.info("training %s on %d vectors on a GPU task", factory, len(sample))
+            task = ray.remote(num_gpus=1, num_cpus=1, max_calls=1)(train_on_gpu)
+            untrained = faiss.serialize_index(index).tobytes()
+            with surface_user_errors():
+                trained_bytes = ray.get(task.remote(untrained, sample))
+            index = faiss.deserialize_index(np.frombuffer(trained_bytes, dtype=np.uint8))
+            ivf = _ivf(index)
+        elif train_size:
             if ivf is not None and faiss.get_num_gpus() > 0:
                 ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(dim, metric))
                 log.info("training IVF centroids on %d GPU(s)", faiss.get_num_gpus())
@@ -335,20 +403,34 @@ def build_index(
     queries_ref = ray.put(queries)
     # One fresh process per shard: its memory goes back to the OS when done,
     # and its peak RSS is that shard's alone.
-    add = ray.remote(num_cpus=1, max_calls=1, resources=dict(icfg.resources) or None)(_add_shard)
+    add = ray.remote(
+        num_cpus=1,
+        num_gpus=icfg.gpus_per_task if icfg.use_gpu else 0,
+        max_calls=1,
+        resources=dict(icfg.resources) or None,
+    )(_add_shard)
     starts = np.cumsum([0] + [s["rows"] for s in shards])[:-1]
     part_locs = [parts.join(f"{i:05d}.faiss") for i in range(len(shards))]
     futures = [
-        add.remote(trained_ref, emb_dir.portable, s["name"], int(st), loc.portable, queries_ref)
+        add.remote(
+            trained_ref,
+            emb_dir.portable,
+            s["name"],
+            int(st),
+            loc.portable,
+            queries_ref,
+            icfg.use_gpu,
+        )
         for s, st, loc in zip(shards, starts, part_locs, strict=True)
     ]
     bar = Progress("index: add", len(futures), "shards")
     pending = list(futures)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        bar.update(len(ready))
-    bar.close()
-    results = ray.get(futures)
+    with surface_user_errors():
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            bar.update(len(ready))
+        bar.close()
+        results = ray.get(futures)
     reads["add"] = len(results)  # each add task reads its one shard once
     ids = pa.chunked_array([r["ids"] for r in results], pa.string())
     if len(ids) != n:

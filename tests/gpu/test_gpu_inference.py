@@ -109,3 +109,29 @@ def test_faiss_ivfpq_on_gpu():
     faiss.GpuParameterSpace().set_index_parameter(gpu_index, "nprobe", 32)
     _, ids = gpu_index.search(x[:100], 10)
     assert (ids[:, 0] == np.arange(100)).mean() > 0.8
+
+
+def test_index_trains_and_adds_on_the_gpu(tmp_path):
+    """train_on_gpu and a GPU add task give an index as good as the CPU's."""
+    from benchmarks.index_memory import write_shards
+    from raysys.index.build import _add_shard, auto_factory, faiss, train_on_gpu
+
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        pytest.skip("this FAISS has no GPU support (faiss-cpu)")
+    write_shards(tmp_path, 20000, 20000)
+    from raysys.index.encode import read_embeddings
+
+    _, x = read_embeddings(tmp_path, "part-00000.parquet")
+    factory, _ = auto_factory(len(x), x.shape[1], gpu=True)
+    untrained = faiss.serialize_index(
+        faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    ).tobytes()
+    trained = train_on_gpu(untrained, x[:10000])
+    out = _add_shard(
+        trained, str(tmp_path), "part-00000.parquet", 0, str(tmp_path / "p"), x[:100], True
+    )
+    index = faiss.deserialize_index(np.frombuffer((tmp_path / "p").read_bytes(), dtype=np.uint8))
+    assert index.ntotal == len(x) and len(out["ids"]) == len(x)
+    faiss.ParameterSpace().set_index_parameter(index, "nprobe", 32)
+    _, ids = index.search(x[:100], 10)
+    assert (ids[:, 0] == np.arange(100)).mean() > 0.8

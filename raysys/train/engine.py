@@ -108,3 +108,24 @@ def initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine, optimizer, scheduler
+
+
+def build_engine(task: Any, tokenizer: Any, train: Any, world_size: int, total_steps: int):
+    """The task's module under DeepSpeed: ``(engine, scheduler)``.
+
+    Under ZeRO-3 the module is built inside partitioned construction, so the
+    weights are sharded while they load. The seed is the same on every rank
+    and every run: LoRA A matrices (and random_init weights) must not depend
+    on the process.
+    """
+    ds_config = deepspeed_config(train, world_size, lora=task.uses_lora())
+    hf_ds = None
+    if train.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)
+    torch.manual_seed(train.seed)
+    model = task.build(tokenizer)
+    engine, _, scheduler = initialize(model, train, ds_config, total_steps, task.head_prefixes)
+    del hf_ds
+    return engine, scheduler

@@ -20,7 +20,7 @@ import torch
 
 from raysys.config import Config
 from raysys.models.backbone import load_tokenizer
-from raysys.train.engine import deepspeed_config, initialize, setup_accelerator_env
+from raysys.train.engine import build_engine, setup_accelerator_env
 from raysys.train.loop import (
     gather_full_state_dict,
     micro_batch_indices,
@@ -76,16 +76,7 @@ def train_steps(
     tokenizer = load_tokenizer(task.model_path())
     micro_per_epoch, total = plan_steps(len(data), t, 1)
     total = max(total, steps)
-    ds_config = deepspeed_config(t, 1, lora=task.uses_lora())
-    hf_ds = None
-    if t.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_ds = HfDeepSpeedConfig(ds_config)
-    torch.manual_seed(t.seed)
-    model = task.build(tokenizer)
-    engine, _, _ = initialize(model, t, ds_config, total, task.head_prefixes)
-    del hf_ds
+    engine, _ = build_engine(task, tokenizer, t, 1, total)
     step_fn = make_step(t)
     collate = task.collator(data, tokenizer)
     engine.train()

@@ -31,7 +31,7 @@ from torch import nn
 from raysys.config import Config, config_from_dict
 from raysys.models.backbone import load_tokenizer
 from raysys.runtime import check_worker_device
-from raysys.train.engine import deepspeed_config, initialize, setup_accelerator_env
+from raysys.train.engine import build_engine, setup_accelerator_env
 from raysys.train.steps import make_step
 from raysys.train.tasks import get_task
 from raysys.train.tasks.base import Task
@@ -158,20 +158,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     model_path = task.model_path()
     tokenizer = load_tokenizer(model_path)
     micro_per_epoch, total_steps = plan_steps(len(data), t, world)
-    ds_config = deepspeed_config(t, world, lora=task.uses_lora())
-
-    hf_ds = None
-    if t.zero_stage == 3:
-        # Partitioned construction: weights are sharded while they load.
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_ds = HfDeepSpeedConfig(ds_config)
-    # Same seed on every rank and every run: LoRA A matrices (and random_init
-    # weights) must not depend on the process.
-    torch.manual_seed(t.seed)
-    model = task.build(tokenizer)
-    engine, _, scheduler = initialize(model, t, ds_config, total_steps, task.head_prefixes)
-    del hf_ds
+    engine, scheduler = build_engine(task, tokenizer, t, world, total_steps)
     exported = task.export_module(engine.module)
     step_fn = make_step(t)
 

@@ -4,6 +4,8 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
+import pytest
+
 import raysys.models.hub as hub
 
 
@@ -41,8 +43,36 @@ def test_concurrent_workers_convert_once_and_never_see_a_half_folder(tmp_path, m
 def test_a_broken_leftover_folder_is_replaced(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYSYS_CACHE", str(tmp_path))
     monkeypatch.setattr(hub, "_convert_smollm", _slow_convert)
-    broken = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    broken = tmp_path / "models" / hub.SMOLLM_DIR
     broken.mkdir(parents=True)
     (broken / "config.json").write_text("{}")  # no weights: an interrupted old run
     out = hub.smollm_path()
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_checkpoint_missing_weights_is_refused(tmp_path):
+    """transformers would initialise the missing weights at random and go on."""
+    from safetensors.torch import load_file, save_file
+
+    from raysys.errors import UserError
+    from raysys.models.backbone import load_pretrained
+    from tests.helpers import tiny_llama
+
+    path = tiny_llama(tmp_path / "m")
+    load_pretrained(str(path))  # complete: loads
+    weights = load_file(path / "model.safetensors")
+    del weights["embed_tokens.weight"]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="no weights for 1 .*embed_tokens.weight"):
+        load_pretrained(str(path))
+
+
+@pytest.mark.slow
+def test_converted_smollm2_has_every_weight_of_automodel(tmp_path, monkeypatch):
+    """The first conversion lost the (tied) input embeddings: AutoModel then
+    started from random ones."""
+    monkeypatch.setenv("RAYSYS_CACHE", str(tmp_path))
+    from raysys.models.backbone import load_pretrained
+
+    model = load_pretrained(str(hub.smollm_path()))
+    assert model.embed_tokens.weight.abs().sum() > 0

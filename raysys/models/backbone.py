@@ -69,6 +69,24 @@ def cached_tokenizer(path: str) -> Any:
     return load_tokenizer(path)
 
 
+def load_pretrained(path: str, **kwargs: Any) -> nn.Module:
+    """``AutoModel.from_pretrained`` that refuses a checkpoint lacking some of
+    the model's weights (transformers would initialise them at random and
+    only log it)."""
+    from transformers import AutoModel
+
+    from raysys.errors import UserError
+
+    model, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise UserError(
+            f"{path}: the checkpoint has no weights for {len(missing)} of the model's "
+            f"parameters (e.g. {', '.join(sorted(missing)[:3])}); they would be random"
+        )
+    return model
+
+
 def build_backbone(
     path: str,
     *,
@@ -94,7 +112,7 @@ def build_backbone(
     if random_init:
         backbone = AutoModel.from_config(AutoConfig.from_pretrained(path), **kw)
     else:
-        backbone = AutoModel.from_pretrained(path, **kw)
+        backbone = load_pretrained(path, **kw)
     if gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.2x

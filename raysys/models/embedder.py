@@ -23,6 +23,7 @@ from raysys.models.backbone import (
     base_model,
     hidden_size,
     is_decoder,
+    load_pretrained,
     load_tokenizer,
     make_bidirectional,
     merged,
@@ -244,16 +245,15 @@ def load_embedder(
 
     ``load_kwargs`` go to ``from_pretrained`` (``dtype``, ``attn_implementation``;
     see :mod:`raysys.models.inference`)."""
-    from transformers import AutoModel
 
     load_kwargs.setdefault("dtype", torch.float32)  # not the checkpoint's (see inference.py)
     path, contract = resolve_contract(path, contract)
     if contract.base_model:
         from peft import PeftModel
 
-        base = AutoModel.from_pretrained(resolve_model(contract.base_model), **load_kwargs)
+        base = load_pretrained(resolve_model(contract.base_model), **load_kwargs)
         backbone = PeftModel.from_pretrained(base, path).merge_and_unload()
     else:
-        backbone = AutoModel.from_pretrained(path, **load_kwargs)
+        backbone = load_pretrained(path, **load_kwargs)
     model = Embedder(backbone, contract).to(device).eval()
     return model, load_tokenizer(path)

@@ -20,6 +20,7 @@ from pathlib import Path
 MINILM_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 SMOLLM_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM_DIR = "SmolLM2-135M-Instruct.v2"
 
 
 def cache_dir() -> Path:
@@ -53,7 +54,9 @@ def smollm_path() -> Path:
     """
     import fcntl
 
-    out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    # ".v2": folders of the first conversion lack the input embeddings (see
+    # _convert_smollm) and are never reused.
+    out = cache_dir() / "models" / SMOLLM_DIR
     if _is_model_dir(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,11 +93,16 @@ def _convert_smollm(dest: Path) -> None:
     # Not model.save_pretrained: inside a distributed worker of rank > 0 it
     # writes nothing (transformers saves on rank 0 only), and Ray Train
     # workers resolve the model themselves.
-    from safetensors.torch import save_model
+    # Every key, tied ones included, each its own tensor: safetensors'
+    # save_model drops one name of a tied pair and kept `lm_head.weight`, so
+    # AutoModel (no LM head) found no `model.embed_tokens.weight` and
+    # initialised the embeddings at random.
+    from safetensors.torch import save_file
 
     dest.mkdir(parents=True, exist_ok=True)
     config.to_json_file(dest / "config.json")
-    save_model(model, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(dest)
 
 

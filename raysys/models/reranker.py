@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from raysys.contract import RerankContract
-from raysys.models.backbone import hidden_size, load_tokenizer, merged
+from raysys.models.backbone import hidden_size, load_pretrained, load_tokenizer, merged
 from raysys.models.embedder import weights_fingerprint
 from raysys.models.hub import resolve_model
 from raysys.models.pooling import pool
@@ -74,13 +74,12 @@ def load_reranker(
     """Load an exported reranker for scoring (eval mode); ``load_kwargs`` go
     to ``from_pretrained`` (see :mod:`raysys.models.inference`)."""
     from safetensors.torch import load_file
-    from transformers import AutoModel
 
     load_kwargs.setdefault("dtype", torch.float32)  # not the checkpoint's (see inference.py)
     path = Path(resolve_model(str(path)))
     contract = RerankContract.load(path)
     contract.fingerprint = weights_fingerprint(path)
-    backbone = AutoModel.from_pretrained(path, **load_kwargs)
+    backbone = load_pretrained(path, **load_kwargs)
     model = Reranker(backbone, contract)
     model.head.load_state_dict(load_file(path / HEAD_FILE))
     model.to(device).eval()

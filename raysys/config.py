@@ -99,6 +99,15 @@ class LossConfig:
 
 
 @dataclass
+class GradCacheConfig:
+    """GradCache (raysys.train.steps.GradCacheStep): a micro-batch of any size
+    at the activation memory of one chunk, with exact gradients."""
+
+    # Queries per chunk (each with its passages); 0 = off.
+    chunk_size: int = 0
+
+
+@dataclass
 class CheckpointConfig:
     """Checkpoints, resume and failures (Ray's ``RunConfig``/``FailureConfig``)."""
 
@@ -147,6 +156,7 @@ class TrainConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    grad_cache: GradCacheConfig = field(default_factory=GradCacheConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
@@ -645,9 +655,12 @@ def _validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
     if t.enabled and "train" in cfg.stages:
+        from raysys.train.steps import check_step
         from raysys.train.tasks import get_task
 
-        get_task(t.task).validate(cfg)
+        task_cls = get_task(t.task)
+        task_cls.validate(cfg)
+        check_step(cfg, task_cls)
     if t.mlflow:
         import importlib.util
 

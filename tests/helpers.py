@@ -61,8 +61,9 @@ def tiny_llama(
     return path
 
 
-def tiny_bert(path: Path) -> Path:
-    """A 2-layer random BERT with a word-level tokenizer."""
+def tiny_bert(path: Path, dropout: float = 0.1) -> Path:
+    """A 2-layer random BERT with a word-level tokenizer (``dropout``: its
+    hidden and attention dropout)."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -91,6 +92,8 @@ def tiny_bert(path: Path) -> Path:
         num_attention_heads=4,
         max_position_embeddings=128,
         pad_token_id=tok.pad_token_id,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)

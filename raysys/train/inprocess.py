@@ -1,10 +1,13 @@
-"""Training steps in this process, one worker, without Ray.
+"""Training steps in this process, without Ray Train's loop.
 
 The same pieces as a Ray Train worker (:mod:`raysys.train.loop`): the task,
-the DeepSpeed engine and config, the step strategy, the device-aware metric
-reduction and the ZeRO-aware export gather. It serves the GPU suite and the
-GPU benchmarks (the GPU machines have no Ray) and debugging a task in a
-plain Python session. Checkpoints, resume and reporting stay in the loop.
+the DeepSpeed engine and config, the step strategy, the optimizer step, the
+device-aware metric reduction and the ZeRO-aware export gather. It serves
+the GPU suite and the GPU benchmarks (the GPU machines have no Ray), memory
+and step-time benchmarks, side-by-side comparisons of step strategies inside
+one Ray Train worker (it joins the process group already set up), and
+debugging a task in a plain Python session. Checkpoints, resume and
+reporting stay in the loop.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +27,11 @@ from raysys.models.backbone import load_tokenizer
 from raysys.train.engine import build_engine, setup_accelerator_env
 from raysys.train.loop import (
     gather_full_state_dict,
-    micro_batch_indices,
+    optimizer_step,
     plan_steps,
     sum_across_workers,
 )
-from raysys.train.steps import make_step
+from raysys.train.steps import StepStrategy, make_step
 from raysys.train.tasks import get_task
 
 
@@ -39,6 +43,8 @@ class StepTimes:
     seconds: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     peak_bytes: int = 0
+    # With keep_state: the full trained weights (rank 0; None elsewhere).
+    state: dict[str, torch.Tensor] | None = None
 
 
 def init_single_process(device: torch.device) -> None:
@@ -61,39 +67,54 @@ def init_single_process(device: torch.device) -> None:
 
 
 def train_steps(
-    cfg: Config, steps: int, device: torch.device, export_to: Path | None = None
+    cfg: Config,
+    steps: int,
+    device: torch.device,
+    export_to: Path | None = None,
+    step_fn: StepStrategy | None = None,
+    keep_state: bool = False,
+    on_ready: Callable[[], None] | None = None,
 ) -> StepTimes:
     """Run ``steps`` optimizer steps of ``cfg.train.task`` here; optionally
-    gather and export the result like the loop's final checkpoint does."""
+    gather and export the result like the loop's final checkpoint does.
+
+    In a process group already set up (a Ray Train worker) every rank runs
+    its share, as in the loop. ``step_fn`` replaces the configured step
+    strategy; ``keep_state`` gathers the trained weights into the result;
+    ``on_ready`` is called once the engine is built (a memory benchmark's
+    baseline).
+    """
+    import torch.distributed as dist
+
     t = cfg.train
     setup_accelerator_env(device.type == "cuda")
     import deepspeed
 
     init_single_process(device)
     deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
     task = get_task(t.task)(cfg)
     data = task.load_data()
     tokenizer = load_tokenizer(task.model_path())
-    micro_per_epoch, total = plan_steps(len(data), t, 1)
+    micro_per_epoch, total = plan_steps(len(data), t, world)
     total = max(total, steps)
-    engine, _ = build_engine(task, tokenizer, t, 1, total)
-    step_fn = make_step(t)
+    engine, _ = build_engine(task, tokenizer, t, world, total)
+    step_fn = step_fn or make_step(t)
     collate = task.collator(data, tokenizer)
     engine.train()
     out = StepTimes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if on_ready is not None:
+        on_ready()
     for step in range(steps):
-        t0, loss, n_tokens = time.perf_counter(), 0.0, 0
-        for k in range(t.grad_accum):
-            micro = step * t.grad_accum + k
-            epoch, idx = micro_batch_indices(len(data), t, micro, micro_per_epoch, 0, 1)
-            batch = collate(idx, epoch)
-            loss += step_fn(engine, task, batch, device) / t.grad_accum
-            n_tokens += batch.num_tokens()
+        t0 = time.perf_counter()
+        loss, _, n_tokens = optimizer_step(
+            engine, task, step_fn, collate, len(data), t, step, micro_per_epoch, rank, world, device
+        )
         # The loop's reduction, forced through the collective (world=2 with
         # one rank sums over that rank): on a GPU this is an NCCL all-reduce.
-        loss = sum_across_workers([loss], device, world=2)[0]
+        loss = sum_across_workers([loss], device, world=max(world, 2))[0] / world
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         out.losses.append(loss)
@@ -107,6 +128,8 @@ def train_steps(
         )
         if sd is not None:
             task.export(sd, tokenizer, export_to)
+    if keep_state:
+        out.state = gather_full_state_dict(engine.module, t.zero_stage)
     if hasattr(engine, "destroy"):
         engine.destroy()
     return out

@@ -108,6 +108,37 @@ def gather_full_state_dict(
     return sd if rank == 0 else None
 
 
+def optimizer_step(
+    engine: Any,
+    task: Task,
+    step_fn: Any,
+    collate: Any,
+    n_examples: int,
+    train: Any,
+    step: int,
+    micro_per_epoch: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> tuple[float, int, int]:
+    """Optimizer step ``step`` (0-based) on this rank: ``grad_accum``
+    micro-batches through ``step_fn``. Returns (mean loss, examples, tokens).
+
+    Dropout draws from ``(seed, micro-step, rank)``, so a resumed run (and
+    any two runs of the same config) replays the same masks.
+    """
+    loss, examples, tokens = 0.0, 0, 0
+    for k in range(train.grad_accum):
+        micro = step * train.grad_accum + k
+        epoch, idx = micro_batch_indices(n_examples, train, micro, micro_per_epoch, rank, world)
+        torch.manual_seed(train.seed * 1_000_003 + micro * 101 + rank)
+        batch = collate(idx, epoch)
+        loss += step_fn(engine, task, batch, device) / train.grad_accum
+        examples += len(idx)
+        tokens += batch.num_tokens()
+    return loss, examples, tokens
+
+
 def sum_across_workers(values: list[float], device: torch.device, world: int) -> list[float]:
     """Element-wise sum of ``values`` over every worker.
 
@@ -212,16 +243,10 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     for step in range(start_step, stop_at):
         if THROTTLE_S:
             time.sleep(THROTTLE_S)
-        t0, n_examples, n_tokens = time.perf_counter(), 0, 0
-        step_loss = 0.0
-        for k in range(t.grad_accum):
-            micro = step * t.grad_accum + k
-            epoch, idx = micro_batch_indices(len(data), t, micro, micro_per_epoch, rank, world)
-            torch.manual_seed(t.seed * 1_000_003 + micro * 101 + rank)
-            batch = collate(idx, epoch)
-            step_loss += step_fn(engine, task, batch, device) / t.grad_accum
-            n_examples += len(idx)
-            n_tokens += batch.num_tokens()
+        t0 = time.perf_counter()
+        step_loss, n_examples, n_tokens = optimizer_step(
+            engine, task, step_fn, collate, len(data), t, step, micro_per_epoch, rank, world, device
+        )
         done = step + 1
         # Every step is recorded (history, TensorBoard, the driver's bar);
         # log_steps only paces the log lines and Ray Train's reports.

@@ -40,6 +40,10 @@ class LossOutput:
     value: float
 
 
+Reps = dict[str, torch.Tensor]
+"""A chunk's representations by name (e.g. ``q`` and ``p``; dim 0 indexes rows)."""
+
+
 class Task(ABC):
     """One training objective. ``cfg`` is the whole :class:`raysys.config.Config`."""
 
@@ -92,9 +96,35 @@ class Task(ABC):
     def collator(self, data: Any, tokenizer: Any) -> Callable[[list[int], int], Batch]:
         """``collate(example_indices, epoch) -> batch`` (deterministic)."""
 
-    @abstractmethod
     def loss(self, module: nn.Module, batch: Any, device: torch.device) -> LossOutput:
-        """Forward pass(es) through ``module`` and the loss of one micro-batch."""
+        """Forward pass(es) through ``module`` and the loss of one micro-batch.
+
+        By default: :meth:`represent` over the whole batch, then
+        :meth:`loss_from_reps`. A task that implements neither overrides this.
+        """
+        return self.loss_from_reps([self.represent(module, batch, device)], batch, device)
+
+    # -- representation seam: what chunked step strategies (GradCache) use ----------
+    def chunking(self) -> str | None:
+        """None when :meth:`split`, :meth:`represent` and :meth:`loss_from_reps`
+        are implemented; otherwise why this task cannot be trained chunk by
+        chunk (the message of the configuration error)."""
+        return f"the {self.name or type(self).__name__} task does not split its batches"
+
+    def split(self, batch: Any, queries: int) -> list[Any]:
+        """``batch`` cut into chunks of at most ``queries`` queries, each with
+        everything that belongs to them (their passages), in batch order."""
+        raise NotImplementedError
+
+    def represent(self, module: nn.Module, chunk: Any, device: torch.device) -> Reps:
+        """One forward pass over ``chunk``: every representation the loss needs."""
+        raise NotImplementedError
+
+    def loss_from_reps(self, reps: list[Reps], batch: Any, device: torch.device) -> LossOutput:
+        """The micro-batch loss from the representations of its chunks (in
+        :meth:`split` order; one chunk when the batch was not split). The
+        loss may depend on the parameters only through ``reps``."""
+        raise NotImplementedError
 
     def probe(self, module: nn.Module, tokenizer: Any, data: Any) -> dict[str, Any] | None:
         """Outputs of the trained module on a few fixed inputs (JSON), saved with

@@ -91,6 +91,13 @@ class RerankTask(GroupsTask):
         t = self.cfg.train
         return RerankCollator(data, tokenizer, self.cfg.rerank_contract(), t.group_size, t.seed)
 
+    def chunking(self) -> str | None:
+        return (
+            "the rerank task's loss is computed per query group (no negatives shared "
+            "across queries), so GradCache would only add a forward pass: lower "
+            "train.per_device_queries and raise train.grad_accum for the same gradients"
+        )
+
     def loss(self, module: nn.Module, batch: RerankBatch, device: torch.device) -> LossOutput:
         t = self.cfg.train
         scores = module(

@@ -133,15 +133,44 @@ class RetrieveTask(GroupsTask):
             data, tokenizer, self.cfg.encoding_contract(), t.group_size, t.seed
         )
 
-    def loss(self, module: nn.Module, batch: RetrievalBatch, device: torch.device) -> LossOutput:
+    def chunking(self) -> str | None:
+        return None
+
+    def split(self, batch: RetrievalBatch, queries: int) -> list[RetrievalBatch]:
+        """Chunks of ``queries`` queries, each followed by its group's passages;
+        each chunk is cut to its own longest text (less padding)."""
+        g = self.cfg.train.group_size
+        n = len(batch.query_positive_ids)
+        return [
+            RetrievalBatch(
+                queries=_rows(batch.queries, i, min(i + queries, n)),
+                passages=_rows(batch.passages, i * g, min(i + queries, n) * g),
+                passage_ids=batch.passage_ids[i * g : (i + queries) * g],
+                query_positive_ids=batch.query_positive_ids[i : i + queries],
+            )
+            for i in range(0, n, queries)
+        ]
+
+    def represent(
+        self, module: nn.Module, chunk: RetrievalBatch, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        q, p = module(
+            chunk.queries["input_ids"].to(device),
+            chunk.queries["attention_mask"].to(device),
+            chunk.passages["input_ids"].to(device),
+            chunk.passages["attention_mask"].to(device),
+        )
+        return {"q": q, "p": p}
+
+    def loss_from_reps(
+        self, reps: list[dict[str, torch.Tensor]], batch: RetrievalBatch, device: torch.device
+    ) -> LossOutput:
+        """InfoNCE over the whole micro-batch (every chunk), negatives gathered
+        from every worker."""
         t = self.cfg.train
         lc = t.loss
-        q, p = module(
-            batch.queries["input_ids"].to(device),
-            batch.queries["attention_mask"].to(device),
-            batch.passages["input_ids"].to(device),
-            batch.passages["attention_mask"].to(device),
-        )
+        q = torch.cat([r["q"] for r in reps])
+        p = torch.cat([r["p"] for r in reps])
         fn_mask = lc.mask_false_negatives
         loss = info_nce(
             q,
@@ -197,6 +226,14 @@ class RetrieveTask(GroupsTask):
         os.makedirs(out, exist_ok=True)
         contract = self.cfg.encoding_contract()
         export_embedder(backbone, tokenizer, contract, out, merge=not m.export_adapter)
+
+
+def _rows(enc: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Rows ``start:stop`` of a padded batch, without the columns that are
+    padding in every one of them (either padding side)."""
+    mask = enc["attention_mask"][start:stop]
+    keep = mask.any(dim=0)
+    return {k: v[start:stop][:, keep] for k, v in enc.items()}
 
 
 def _world_size() -> int:

@@ -191,6 +191,7 @@ def test_grad_cache_is_exact_under_every_zero_stage(ray_local, tiny_bert_dir, to
         for s in (0, 1, 2, 3)
     ]
     got = _run_workers(variants, tmp_path / "exact.json", no_replay=True)
+    print("grad_cache exactness:", json.dumps(got))  # shown with pytest -s
     for name, entry in got.items():
         gc, ref = entry["losses"]["grad_cache"], entry["losses"]["reference"]
         assert gc == pytest.approx(ref, abs=1e-5), (name, gc, ref)
@@ -235,6 +236,7 @@ def test_grad_cache_is_exact_with_lora_checkpointing_accumulation_and_bf16(
         ),
     ]
     got = _run_workers(variants, tmp_path / "exact.json")
+    print("grad_cache exactness:", json.dumps(got))  # shown with pytest -s
     entry = got["lora_ckpt_accum_zero3"]
     gc, ref = entry["losses"]["grad_cache"], entry["losses"]["reference"]
     assert gc == pytest.approx(ref, abs=1e-5), (gc, ref)

@@ -149,9 +149,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     cfg = load_config(_config_path(args), args.overrides)
     queries = read_queries(args.queries, on_bad_line=cfg.data.on_bad_line)
     with _session(parent(args.run)):
-        encoder = QueryEncoder(cfg.model.path, cfg.encoding_contract(), cfg.encode.pool)
-        res = search_stage(cfg, args.index, queries, encoder)
-        encoder.close()
+        with QueryEncoder(cfg.model.path, cfg.encoding_contract(), cfg.encode.pool) as encoder:
+            res = search_stage(cfg, args.index, queries, encoder)
         path = write_run(res.run, args.run)
     result(str(path))
     return 0

@@ -74,7 +74,6 @@ def _retrieval(
 ) -> tuple[Row, Run | None]:
     """Encode, index, search and evaluate with one model; the row and its run."""
     label = "" if name in ("fine-tuned", "model") else f"{name} "
-    encoder = QueryEncoder(model, contract, cfg.encode.pool)
     emb_dir, index_dir = out.join("encode"), out.join("index")
     if "encode" in stages:
         m = clock.run(
@@ -83,14 +82,15 @@ def _retrieval(
         skipped = m["corpus"].get("skipped") or {}
         if skipped and not label:
             notes.append(f"corpus: skipped {skipped}")
-    if "index" in stages:
-        tune = tuning_queries(cfg, beir, encoder)
-        clock.run(label + "index", index_stage, cfg, emb_dir, index_dir, tune_queries=tune)
     row = Row(name, {})
-    if "search" not in stages:
-        return row, None
-    result = clock.run(label + "search", search_stage, cfg, index_dir, queries, encoder)
-    encoder.close()  # a GPU query encoder gives its GPU back for the rerank pool
+    # Leaving the block, a GPU query encoder gives its GPU back for the rerank pool.
+    with QueryEncoder(model, contract, cfg.encode.pool) as encoder:
+        if "index" in stages:
+            tune = tuning_queries(cfg, beir, encoder)
+            clock.run(label + "index", index_stage, cfg, emb_dir, index_dir, tune_queries=tune)
+        if "search" not in stages:
+            return row, None
+        result = clock.run(label + "search", search_stage, cfg, index_dir, queries, encoder)
     write_run(result.run, out.join("run.trec"))
     row.index = dict(result.searcher.manifest)
     if "evaluate" in stages:

@@ -222,3 +222,23 @@ def test_index_command_honours_recall_target(ray_local, tmp_path):
         best = max(m["nprobe_recall_at_10"].values())
         assert m["nprobe_recall_at_10"][str(m["nprobe"])] >= target * best
     assert chosen[0.5] < chosen[1.0], chosen
+
+
+def test_leaving_the_query_encoder_block_releases_its_actor(ray_local):
+    """Pipeline, mine and search hold the encoder in a with-block: its GPU actor
+    (here a stand-in) is killed on the way out, on an error too."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Holder:
+        def ping(self) -> int:
+            return 1
+
+    holder = Holder.remote()
+    assert ray.get(holder.ping.remote()) == 1
+    with pytest.raises(RuntimeError, match="boom"), QueryEncoder("unused", None) as encoder:
+        encoder._actor = holder
+        raise RuntimeError("boom")
+    assert encoder._actor is None
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(holder.ping.remote(), timeout=30)

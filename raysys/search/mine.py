@@ -157,12 +157,12 @@ def mine(cfg: Any, out: str | Path) -> dict[str, Any]:
     queries = beir.queries(spec.report)
     wanted = {q: queries[q] for q in qrels if q in queries}
     depth = spec.rank_to + max((len(v) for v in qrels.values()), default=0)
-    encoder = QueryEncoder(cfg.model.path, contract, cfg.encode.pool)
-    if index_dir is None:
-        run = exact_search_stage(cfg, work / "encode", wanted, encoder, topk=depth)
-    else:
-        run = search_stage(cfg, index_dir, wanted, encoder, topk=depth).run
-    encoder.close()  # a GPU query encoder gives its GPU back for the reranker
+    # Leaving the block, a GPU query encoder gives its GPU back for the reranker.
+    with QueryEncoder(cfg.model.path, contract, cfg.encode.pool) as encoder:
+        if index_dir is None:
+            run = exact_search_stage(cfg, work / "encode", wanted, encoder, topk=depth)
+        else:
+            run = search_stage(cfg, index_dir, wanted, encoder, topk=depth).run
     scorer, corpus = None, None
     if m.reranker is not None and spec.margin is not None:
         from raysys.models.reranker import Scorer

@@ -23,7 +23,8 @@ class QueryEncoder:
 
     With a GPU pool (``pool.use_gpu``, a :class:`raysys.config.PoolConfig`:
     ``encode.pool``) the model runs in one Ray actor on a GPU, under the
-    pool's precision settings; otherwise on the driver's CPU.
+    pool's precision settings; otherwise on the driver's CPU. Use it as a
+    context manager: leaving the block gives the GPU back.
     """
 
     def __init__(
@@ -72,12 +73,18 @@ class QueryEncoder:
         return embedder.encode_texts(tok, texts, "query", batch_size).numpy()
 
     def close(self) -> None:
-        """Release the GPU actor, if any."""
+        """Release the GPU actor, if any (a rerank pool may want its GPU)."""
         if self._actor is not None:
             import ray
 
             ray.kill(self._actor)
             self._actor = None
+
+    def __enter__(self) -> QueryEncoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class QueryEncodeActor:

@@ -57,6 +57,8 @@ class DataConfig:
     sampled_negatives: int = 30
     # Limit the number of training queries (0 = all); useful for smoke runs.
     max_queries: int = 0
+    # Limit the texts of the unsupervised tasks (llara, mntp; 0 = all).
+    max_texts: int = 0
     # A malformed input line stops the run ("error", naming file and line) or
     # is counted and reported ("skip").
     on_bad_line: Literal["error", "skip"] = "error"
@@ -96,6 +98,46 @@ class LossConfig:
     mask_false_negatives: bool = True
     # Reranker: grouped softmax cross-entropy (RankLLaMA) or pointwise BCE.
     rerank_loss: Literal["grouped_ce", "bce"] = "grouped_ce"
+
+
+@dataclass
+class LlaraConfig:
+    """LLaRA's pretext (train.task=llara): EBAE and EBAR in one pass.
+
+    The text is wrapped as ``prefix + text`` and followed by both prompts,
+    each ending in ``special`` new tokens; the EBAR prompt cannot see the
+    EBAE prompt and reuses its positions. The loss is ``lm_weight`` x the
+    next-token loss over the text plus ``bow_weight`` x the mean of the
+    EBAE and EBAR bag-of-tokens losses (FlagEmbedding's pretraining: 1 and
+    0.1). The export's encoding contract puts the EBAR prompt after queries
+    and the EBAE prompt after passages, pooled as the mean of the last
+    ``special`` states.
+    """
+
+    prefix: str = '"'
+    ebae_prompt: str = '", summarize the above passage within eight words: '
+    ebar_prompt: str = '", predict the following passage within eight words: '
+    special: int = 8
+    lm_weight: float = 1.0
+    bow_weight: float = 0.1
+    # Tokens of the input text (the prompts come on top) and of each target.
+    max_len: int = 128
+    target_max_len: int = 128
+
+
+@dataclass
+class MntpConfig:
+    """LLM2Vec's masked next-token prediction (train.task=mntp): with
+    bidirectional attention, masked token i is predicted from position i-1."""
+
+    # Share of the text tokens chosen; of those 80% become the mask token,
+    # 10% a random token, 10% stay (LLM2Vec uses BERT's recipe at 0.2).
+    mask_prob: float = 0.2
+    # The mask token: empty = the tokenizer's, else "_" (LLM2Vec's choice
+    # for Llama and Mistral, which have none).
+    mask_token: str = ""
+    # Tokens per text.
+    max_len: int = 128
 
 
 @dataclass
@@ -157,6 +199,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     grad_cache: GradCacheConfig = field(default_factory=GradCacheConfig)
+    llara: LlaraConfig = field(default_factory=LlaraConfig)
+    mntp: MntpConfig = field(default_factory=MntpConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
@@ -295,9 +339,16 @@ class ContractConfig:
     model: str = ""
     query_prefix: str = ""
     passage_prefix: str = ""
+    # Text after the (truncated) text, never cut: LLaRA's prompts.
+    query_suffix: str = ""
+    passage_suffix: str = ""
     # Fills an {instruction} slot in query_prefix (E5-mistral).
     instruction: str = ""
     pooling: Literal["cls", "mean", "last"] = "mean"
+    # pooling=last: the mean of the last last_k tokens' states (LLaRA: 8).
+    last_k: int = 1
+    # Tokens the tokenizer must hold whole (LLaRA's <s1>..<s16>; the task adds them).
+    special_tokens: list[str] = field(default_factory=list)
     append_eos: bool = False
     query_max_len: int = 64
     passage_max_len: int = 256

@@ -29,7 +29,10 @@ _SPACE_FIELDS = (
     "model",
     "query_prefix",
     "passage_prefix",
+    "query_suffix",
+    "passage_suffix",
     "pooling",
+    "last_k",
     "append_eos",
     "normalize",
     "bidirectional",
@@ -112,13 +115,25 @@ class EncodingContract(JsonContract):
     ``query_prefix`` may be an instruction template such as
     ``"Instruct: {instruction}\\nQuery: "`` (E5-mistral); ``{instruction}`` is
     filled from ``instruction`` when the contract is validated.
+
+    A suffix follows the text and is never truncated (the text is cut
+    instead): LLaRA's prompts end in special tokens whose states are the
+    embedding, pooled as the mean of the ``last_k`` last tokens
+    (``pooling=last``). ``special_tokens`` lists tokens the tokenizer must
+    hold as single tokens; encoding with a tokenizer that lacks them is
+    refused.
     """
 
     model: str = ""
     query_prefix: str = ""
     passage_prefix: str = ""
+    query_suffix: str = ""
+    passage_suffix: str = ""
     instruction: str = ""
     pooling: Pooling = "mean"
+    # With pooling=last: the mean of the states of the last last_k tokens.
+    last_k: int = 1
+    special_tokens: list[str] = field(default_factory=list)
     append_eos: bool = False
     query_max_len: int = 64
     passage_max_len: int = 256
@@ -145,6 +160,10 @@ class EncodingContract(JsonContract):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 2:
                 raise ContractError(f"contract.{name} must be an integer >= 2, not {v!r}")
+        if not isinstance(self.last_k, int) or self.last_k < 1:
+            raise ContractError(f"contract.last_k must be an integer >= 1, not {self.last_k!r}")
+        if self.last_k > 1 and self.pooling != "last":
+            raise ContractError("contract.last_k > 1 needs contract.pooling=last")
         if "{instruction}" in self.query_prefix and not self.instruction:
             raise ContractError(
                 "contract.query_prefix has an {instruction} slot but contract.instruction is empty"
@@ -164,14 +183,52 @@ class EncodingContract(JsonContract):
     def max_len(self, kind: Kind) -> int:
         return self.query_max_len if kind == "query" else self.passage_max_len
 
+    def suffix(self, kind: Kind) -> str:
+        return self.query_suffix if kind == "query" else self.passage_suffix
+
+    def suffix_ids(self, tokenizer: Any, kind: Kind) -> list[int]:
+        """Token ids of the ``kind`` suffix (no special tokens added); the
+        tokenizer must hold every one of :attr:`special_tokens`."""
+        self.check_tokenizer(tokenizer)
+        text = self.suffix(kind)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Refuse a tokenizer that splits one of :attr:`special_tokens`."""
+        if not self.special_tokens:
+            return
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in self.special_tokens if t not in vocab]
+        if missing:
+            raise ContractError(
+                f"the tokenizer lacks the contract's special tokens {missing[:4]}"
+                f"{' ...' if len(missing) > 4 else ''}: encode with the model trained "
+                "under this contract (its export carries them), not its base"
+            )
+
     def token_ids(self, tokenizer: Any, texts: list[str], kind: Kind) -> list[list[int]]:
         """Unpadded token ids of already-formatted texts under this contract.
 
         With ``append_eos`` the text is truncated to ``max_len - 1`` tokens and
         the tokenizer's EOS id is appended (RepLLaMA), so the last real token is
-        always EOS whatever the truncation.
+        always EOS whatever the truncation. A suffix is appended whole after
+        the (shortened) text, before the EOS.
         """
-        return truncated_ids(tokenizer, texts, self.max_len(kind), self.append_eos, "contract")
+        max_len = self.max_len(kind)
+        suffix = self.suffix_ids(tokenizer, kind)
+        if not suffix:
+            return truncated_ids(tokenizer, texts, max_len, self.append_eos, "contract")
+        room = max_len - len(suffix) - (1 if self.append_eos else 0)
+        if room < 1:
+            raise ContractError(
+                f"contract.{kind}_max_len={max_len} leaves no room for text beside its "
+                f"{len(suffix)}-token suffix"
+            )
+        eos = [tokenizer.eos_token_id] if self.append_eos else []
+        if eos and eos[0] is None:
+            raise ContractError("contract.append_eos is set but the tokenizer has no EOS token")
+        body = truncated_ids(tokenizer, texts, room, False, "contract")
+        return [ids + suffix + eos for ids in body]
 
     @staticmethod
     def pad(tokenizer: Any, ids: list[list[int]]) -> dict[str, Any]:

@@ -67,7 +67,7 @@ class Embedder(nn.Module):
             mask_arg = bidirectional_mask(attention_mask, dtype)
         out = self.backbone(input_ids=input_ids, attention_mask=mask_arg, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        emb = pool(hidden, attention_mask, self.contract.pooling)
+        emb = pool(hidden, attention_mask, self.contract.pooling, self.contract.last_k)
         if self.contract.normalize:
             emb = F.normalize(emb.float(), dim=-1)
         return emb
@@ -182,7 +182,10 @@ def export_embedder(
         plain.save_pretrained(out)
         contract.base_model = None
         decoder = is_decoder(plain.config)
-        if not contract.append_eos and not (contract.bidirectional and decoder):
+        # sentence-transformers has prefixes (prompts) but no suffix, EOS,
+        # last-k pooling or bidirectional decoders: those exports are raysys-only.
+        st_ok = not (contract.query_suffix or contract.passage_suffix or contract.last_k > 1)
+        if st_ok and not contract.append_eos and not (contract.bidirectional and decoder):
             _write_sentence_transformers_files(out, contract, dim)
     tokenizer.save_pretrained(out)
     contract.save(out)

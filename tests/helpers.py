@@ -29,11 +29,17 @@ def _word_tokenizer(special: dict[str, str]):
 
 
 def tiny_llama(
-    path: Path, model_type: str = "llama", padding_side: str = "right", hidden_size: int = 32
+    path: Path,
+    model_type: str = "llama",
+    padding_side: str = "right",
+    hidden_size: int = 32,
+    causal_lm: bool = False,
 ) -> Path:
-    """A 2-layer random decoder (llama, mistral, qwen2, qwen3) with a word-level tokenizer."""
+    """A 2-layer random decoder (llama, mistral, qwen2, qwen3) with a word-level
+    tokenizer; ``causal_lm``: saved with its LM head, tied to the input
+    embeddings (as SmolLM2's)."""
     import torch
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     path.mkdir(parents=True, exist_ok=True)
     tok = _word_tokenizer(
@@ -55,9 +61,11 @@ def tiny_llama(
     )
     if model_type in ("qwen3",):
         kw["head_dim"] = 8
+    if causal_lm:
+        kw["tie_word_embeddings"] = True
     config = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(path)
+    (AutoModelForCausalLM if causal_lm else AutoModel).from_config(config).save_pretrained(path)
     return path
 
 

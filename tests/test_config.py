@@ -93,7 +93,10 @@ def test_unknown_key_in_file_is_named(tmp_path):
         ("train.zero_stage=4", "train.zero_stage must be 0, 1, 2 or 3"),
         ("train.precision=fp8", "train.precision: 'fp8' is not one of"),
         ("train.loss.gather_negatives=maybe", "train.loss.gather_negatives: expected true or"),
-        ("train.task=nosuch", "train.task: unknown task 'nosuch'; known: rerank, retrieve"),
+        (
+            "train.task=nosuch",
+            "train.task: unknown task 'nosuch'; known: llara, mntp, rerank, retrieve",
+        ),
         ("train.task=os.path:join", "is not a raysys Task subclass"),
         ("contract.pooling=max", "contract.pooling: 'max' is not one of"),
         ("contract.query_max_len=1", "contract.query_max_len must be an integer >= 2"),

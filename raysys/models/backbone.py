@@ -69,15 +69,16 @@ def cached_tokenizer(path: str) -> Any:
     return load_tokenizer(path)
 
 
-def load_pretrained(path: str, **kwargs: Any) -> nn.Module:
-    """``AutoModel.from_pretrained`` that refuses a checkpoint lacking some of
-    the model's weights (transformers would initialise them at random and
-    only log it)."""
+def load_pretrained(path: str, auto: Any = None, **kwargs: Any) -> nn.Module:
+    """``AutoModel.from_pretrained`` (or ``auto``'s) that refuses a checkpoint
+    lacking some of the model's weights (transformers would initialise them
+    at random and only log it)."""
     from transformers import AutoModel
 
     from raysys.errors import UserError
 
-    model, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
+    auto = auto or AutoModel
+    model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     missing = list(info.get("missing_keys") or [])
     if missing:
         raise UserError(
@@ -95,24 +96,35 @@ def build_backbone(
     gradient_checkpointing: bool = False,
     dtype: torch.dtype | None = None,
     attn_implementation: str = "",
+    causal_lm: bool = False,
+    vocab_size: int | None = None,
+    train_embeddings: bool = False,
 ) -> nn.Module:
     """Load an ``AutoModel`` (or build it from config) and apply LoRA if asked.
 
     ``dtype`` overrides the checkpoint's (training passes float32, so a
     half-precision checkpoint still gets fp32 master weights);
     ``attn_implementation`` names the attention kernel (sdpa, flash_attention_2).
+    ``causal_lm`` loads ``AutoModelForCausalLM`` (with its LM head: LLaRA,
+    MNTP). ``vocab_size`` resizes the embeddings (new tokens start at the
+    mean embedding); ``train_embeddings`` keeps the input embeddings
+    trainable under LoRA (new tokens must learn; peft's per-row trainable
+    tokens gather through CUDA only under ZeRO-3).
     """
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     kw: dict[str, Any] = {}
     if dtype is not None:
         kw["dtype"] = dtype
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
     if random_init:
-        backbone = AutoModel.from_config(AutoConfig.from_pretrained(path), **kw)
+        backbone = auto.from_config(AutoConfig.from_pretrained(path), **kw)
     else:
-        backbone = load_pretrained(path, **kw)
+        backbone = load_pretrained(path, auto=auto, **kw)
+    if vocab_size is not None and vocab_size != backbone.get_input_embeddings().num_embeddings:
+        backbone.resize_token_embeddings(vocab_size)
     if gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.2x
@@ -140,6 +152,8 @@ def build_backbone(
                 bias="none",
             ),
         )
+        if train_embeddings:
+            base_model(backbone).get_input_embeddings().weight.requires_grad_(True)
     return backbone
 
 

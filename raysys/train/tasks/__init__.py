@@ -1,6 +1,8 @@
 """Training tasks, by name: ``train.task`` picks one.
 
-Built in: ``retrieve`` (bi-encoder, InfoNCE) and ``rerank`` (cross-encoder).
+Built in: ``retrieve`` (bi-encoder, InfoNCE), ``rerank`` (cross-encoder) and
+``llara`` (LLaRA's EBAE/EBAR pretext) and ``mntp`` (LLM2Vec's masked
+next-token prediction), both on plain text.
 Any other value of the form ``package.module:Class`` imports a
 :class:`~raysys.train.tasks.base.Task` subclass of your own.
 """
@@ -15,6 +17,8 @@ from raysys.train.tasks.base import Task
 _BUILTIN = {
     "retrieve": "raysys.train.tasks.retrieve:RetrieveTask",
     "rerank": "raysys.train.tasks.rerank:RerankTask",
+    "llara": "raysys.train.tasks.llara:LlaraTask",
+    "mntp": "raysys.train.tasks.mntp:MntpTask",
 }
 _REGISTERED: dict[str, type[Task]] = {}
 

@@ -1,0 +1,141 @@
+"""LLM2Vec's MNTP task (raysys.train.tasks.mntp): the masking, the shifted
+labels and loss, and training + export on 2 Ray Train workers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raysys.config import ConfigError, load_config
+from raysys.train.tasks.mntp import IGNORE, MntpTask, mask_tokens, mntp_loss
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    from tests.helpers import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("lm") / "tiny-lm", causal_lm=True)
+
+
+def _cfg(model, data, *extra):
+    return load_config(
+        None,
+        [
+            f"model={model}",
+            f"data.corpus={data / 'corpus.jsonl'}",
+            "train.task=mntp",
+            "contract.bidirectional=true",
+            "contract.pooling=mean",
+            "train.mntp.mask_token=w0",
+            *extra,
+        ],
+    )
+
+
+def test_masking_labels_only_the_chosen_positions():
+    ids = list(range(10, 210))  # 200 ordinary tokens
+    skip = {10}  # a special token: never chosen
+    inputs, labels = mask_tokens(ids, np.random.default_rng(0), 0.2, 3, 500, skip)
+    chosen = [i for i, lab in enumerate(labels) if lab != IGNORE]
+    assert 0 not in chosen  # no previous position to predict the first token
+    assert all(labels[i] == ids[i] for i in chosen)
+    assert 25 <= len(chosen) <= 55  # ~20% of 199
+    masked = sum(inputs[i] == 3 for i in chosen)
+    kept = sum(inputs[i] == ids[i] for i in chosen)
+    assert masked >= 0.6 * len(chosen) and kept <= 0.3 * len(chosen)
+    # Positions not chosen keep their token.
+    assert all(inputs[i] == ids[i] for i in range(len(ids)) if labels[i] == IGNORE)
+    # Deterministic from the generator's seed.
+    assert mask_tokens(ids, np.random.default_rng(0), 0.2, 3, 500, skip) == (inputs, labels)
+    # Every eligible position when mask_prob is ~1.
+    _, all_labels = mask_tokens([10, 11, 12, 13], np.random.default_rng(1), 0.999999, 3, 500, skip)
+    assert all_labels == [IGNORE, 11, 12, 13]
+
+
+def test_mntp_predicts_token_i_from_position_i_minus_1():
+    logits = torch.randn(1, 4, 9)
+    labels = torch.tensor([[IGNORE, 5, IGNORE, 7]])
+    want = (
+        F.cross_entropy(logits[0, 0:1], torch.tensor([5]))
+        + F.cross_entropy(logits[0, 2:3], torch.tensor([7]))
+    ) / 2
+    assert mntp_loss(logits, labels).item() == pytest.approx(want.item(), abs=1e-6)
+
+
+def test_the_module_loss_equals_the_shifted_loss(tiny_lm, toy_data):
+    """The module computes the head only where a label follows; the loss equals
+    the full-logits shifted loss, and attention is bidirectional."""
+    from raysys.models.backbone import base_model, load_tokenizer
+
+    cfg = _cfg(tiny_lm, toy_data)
+    task = MntpTask(cfg)
+    tok = load_tokenizer(str(tiny_lm))
+    torch.manual_seed(0)
+    module = task.build(tok).eval()
+    data = task.load_data()
+    batch = task.collator(data, tok)(list(range(5)), 0)
+    assert (batch.labels != IGNORE).any()
+    with torch.no_grad():
+        got = module(batch.input_ids, batch.attention_mask, batch.labels)
+        hidden = module._hidden(batch.input_ids, batch.attention_mask)
+        full = base_model(module.backbone).get_output_embeddings()(hidden)
+        want = mntp_loss(full, batch.labels)
+        # Bidirectional: a later token changes an earlier position's state.
+        changed = batch.input_ids.clone()
+        changed[:, 3] = tok.convert_tokens_to_ids("w9")
+        h2 = module._hidden(changed, batch.attention_mask)
+    assert got.item() == pytest.approx(want.item(), abs=1e-5)
+    assert (h2[:, 1] - hidden[:, 1]).abs().max() > 1e-4
+
+
+def test_mntp_refuses_a_causal_contract_and_an_unknown_mask_token(tiny_lm, toy_data, tmp_path):
+    from raysys.models.backbone import load_tokenizer
+    from raysys.train.tasks.mntp import mask_token_id
+
+    with pytest.raises(ConfigError, match="contract.bidirectional=true"):
+        load_config(
+            None,
+            [f"model={tiny_lm}", f"data.corpus={toy_data / 'corpus.jsonl'}", "train.task=mntp"],
+        )
+    tok = load_tokenizer(str(tiny_lm))
+    with pytest.raises(ConfigError, match="not one token"):
+        mask_token_id(tok, "zzz-not-a-token")
+    assert mask_token_id(tok, "w5") == tok.convert_tokens_to_ids("w5")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "lora"), [(0, False), (3, True)], ids=["zero0", "zero3-lora"])
+def test_mntp_trains_and_exports(ray_local, tiny_lm, toy_data, tmp_path, stage, lora):
+    from raysys.models.embedder import load_embedder
+    from raysys.train.launch import run_training
+
+    extra = [
+        f"train.zero_stage={stage}",
+        "train.max_steps=12",
+        "train.per_device_queries=4",
+        "train.optim.lr=2e-2",
+        f"train.checkpoint.storage_path={tmp_path / 'ray'}",
+        f"train.checkpoint.run_name=mntp{stage}",
+    ]
+    if lora:
+        extra += [
+            "model.lora.enabled=true",
+            "model.lora.r=8",
+            "model.lora.target_modules=[q_proj,v_proj]",
+        ]
+    outcome = run_training(_cfg(tiny_lm, toy_data, *extra), tmp_path / "out")
+    assert outcome.finished and len(outcome.history) == 12
+    losses = [h["loss"] for h in outcome.history]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    model_dir = outcome.model_dir
+    contract = json.loads((model_dir / "raysys_contract.json").read_text())
+    assert contract["bidirectional"] is True
+    probe = json.loads((model_dir / "train_probe.json").read_text())
+    embedder, tok = load_embedder(str(model_dir))
+    got = embedder.encode_texts(tok, probe["passages"], "passage", formatted=True)
+    want = torch.tensor(probe["passage_embeddings"])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

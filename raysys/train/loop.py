@@ -260,6 +260,10 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
             "lr": scheduler.get_last_lr()[0],
             "examples_per_s": counts[0] / elapsed,
             "tokens_per_s": counts[1] / elapsed,
+            # This step's totals over every worker (a run's cost: their sum).
+            "examples": int(counts[0]),
+            "tokens": int(counts[1]),
+            "seconds": elapsed,
         }
         history.append(metrics)
         if progress is not None:

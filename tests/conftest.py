@@ -31,6 +31,14 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A tiny Llama saved with its (tied) LM head: the adaptation tasks' model."""
+    from tests.helpers import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("models") / "tiny-lm", causal_lm=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     from tests.helpers import tiny_bert
 

@@ -146,3 +146,38 @@ def toy_groups(
                 + "\n"
             )
     return path
+
+
+def short_training(run_name: str, stage: int, lora: bool, storage: Path) -> list[str]:
+    """Overrides of the adaptation tasks' 12-step runs on 2 workers (tiny LM)."""
+    extra = [
+        f"train.zero_stage={stage}",
+        "train.max_steps=12",
+        "train.per_device_queries=4",
+        "train.optim.lr=2e-2",
+        f"train.checkpoint.storage_path={storage}",
+        f"train.checkpoint.run_name={run_name}",
+    ]
+    if lora:
+        extra += [
+            "model.lora.enabled=true",
+            "model.lora.r=8",
+            "model.lora.target_modules=[q_proj,v_proj]",
+        ]
+    return extra
+
+
+def assert_probe_reproduced(model_dir: Path) -> None:
+    """raysys's embedder on the export reproduces the training-time probe."""
+    import torch
+
+    from raysys.models.embedder import load_embedder
+
+    probe = json.loads((model_dir / "train_probe.json").read_text())
+    embedder, tok = load_embedder(str(model_dir))
+    got = [embedder.encode_texts(tok, probe["passages"], "passage", formatted=True)]
+    want = probe["passage_embeddings"]
+    if probe.get("queries"):
+        got.insert(0, embedder.encode_texts(tok, probe["queries"], "query", formatted=True))
+        want = probe["query_embeddings"] + want
+    torch.testing.assert_close(torch.cat(got), torch.tensor(want), atol=1e-4, rtol=1e-4)

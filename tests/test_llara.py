@@ -21,13 +21,6 @@ from raysys.train.tasks.llara import (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    from tests.helpers import tiny_llama
-
-    return tiny_llama(tmp_path_factory.mktemp("lm") / "tiny-lm", causal_lm=True)
-
-
 def _cfg(model, data, *extra):
     return load_config(
         None,
@@ -93,10 +86,10 @@ def test_bag_of_tokens_loss_against_a_hand_computation():
     assert got.item() == pytest.approx(want, abs=1e-6)
 
 
-def test_one_pass_equals_two(tiny_lm, toy_data):
+def test_one_pass_equals_two(tiny_lm_dir, toy_data):
     """Evidence 1: the joint pass's EBAE and EBAR logits and losses equal
     those of a pass with each prompt alone."""
-    cfg, task, data, tok, module = _task(tiny_lm, toy_data)
+    cfg, task, data, tok, module = _task(tiny_lm_dir, toy_data)
     rows = list(range(6))
     cpu = torch.device("cpu")
     joint = LlaraCollator(data, tok, cfg)(rows, 0)
@@ -128,10 +121,10 @@ def test_one_pass_equals_two(tiny_lm, toy_data):
         assert lm.item() == pytest.approx(lm1.item(), abs=1e-5)
 
 
-def test_the_ebar_prompt_cannot_see_the_ebae_prompt(tiny_lm, toy_data):
+def test_the_ebar_prompt_cannot_see_the_ebae_prompt(tiny_lm_dir, toy_data):
     """Perturbation: other tokens in the EBAE prompt change the EBAE logits,
     not the EBAR ones; other text changes both."""
-    cfg, task, data, tok, module = _task(tiny_lm, toy_data)
+    cfg, task, data, tok, module = _task(tiny_lm_dir, toy_data)
     batch = LlaraCollator(data, tok, cfg)(list(range(4)), 0)
     k = cfg.train.llara.special
 
@@ -158,10 +151,10 @@ def test_the_ebar_prompt_cannot_see_the_ebae_prompt(tiny_lm, toy_data):
     assert (ebar2 - ebar0).abs().max() > 1e-3 and (ebae2 - ebae0).abs().max() > 1e-3
 
 
-def test_the_ebae_row_is_what_encoding_a_passage_gives(tiny_lm, toy_data):
+def test_the_ebae_row_is_what_encoding_a_passage_gives(tiny_lm_dir, toy_data):
     """The prompt layout is the contract's: a passage encoded under the export's
     contract has the token ids of the EBAE-only training row."""
-    cfg, task, data, tok, module = _task(tiny_lm, toy_data)
+    cfg, task, data, tok, module = _task(tiny_lm_dir, toy_data)
     contract = llara_contract(cfg)
     batch = LlaraCollator(data, tok, cfg, parts=("ebae",))(list(range(3)), 0)
     for r, text in enumerate(data.texts(list(range(3)))):
@@ -174,15 +167,15 @@ def test_the_ebae_row_is_what_encoding_a_passage_gives(tiny_lm, toy_data):
     assert contract.query_suffix.endswith("<s5><s6><s7><s8>")
 
 
-def test_llara_refuses_settings_it_cannot_honour(tiny_lm, toy_data):
+def test_llara_refuses_settings_it_cannot_honour(tiny_lm_dir, toy_data):
     from raysys.config import ConfigError
 
     with pytest.raises(ConfigError, match="merged model"):
-        _cfg(tiny_lm, toy_data, "model.export_adapter=true")
+        _cfg(tiny_lm_dir, toy_data, "model.export_adapter=true")
     with pytest.raises(ConfigError, match="flash_attention_2"):
-        _cfg(tiny_lm, toy_data, "train.attn_implementation=flash_attention_2")
+        _cfg(tiny_lm_dir, toy_data, "train.attn_implementation=flash_attention_2")
     with pytest.raises(ConfigError, match="train.grad_cache: the llara task"):
-        _cfg(tiny_lm, toy_data, "train.grad_cache.chunk_size=2")
+        _cfg(tiny_lm_dir, toy_data, "train.grad_cache.chunk_size=2")
 
 
 @pytest.mark.slow
@@ -190,45 +183,23 @@ def test_llara_refuses_settings_it_cannot_honour(tiny_lm, toy_data):
     ("stage", "lora"), [(0, False), (1, True), (2, False), (3, True)], ids=lambda v: str(v)
 )
 def test_llara_trains_and_exports_under_every_zero_stage(
-    ray_local, tiny_lm, toy_data, tmp_path, stage, lora
+    ray_local, tiny_lm_dir, toy_data, tmp_path, stage, lora
 ):
     """2 Ray Train workers; the export (new tokens included, LoRA merged)
     reloads with plain transformers and raysys's embedder and reproduces the
     training-time embeddings."""
-    from raysys.models.embedder import load_embedder
     from raysys.train.launch import run_training
+    from tests.helpers import assert_probe_reproduced, short_training
 
-    extra = [
-        f"train.zero_stage={stage}",
-        "train.max_steps=12",
-        "train.per_device_queries=4",
-        "train.optim.lr=2e-2",
-        f"train.checkpoint.storage_path={tmp_path / 'ray'}",
-        f"train.checkpoint.run_name=llara{stage}",
-    ]
-    if lora:
-        extra += [
-            "model.lora.enabled=true",
-            "model.lora.r=8",
-            "model.lora.target_modules=[q_proj,v_proj]",
-        ]
-    outcome = run_training(_cfg(tiny_lm, toy_data, *extra), tmp_path / "out")
+    extra = short_training(f"llara{stage}", stage, lora, tmp_path / "ray")
+    outcome = run_training(_cfg(tiny_lm_dir, toy_data, *extra), tmp_path / "out")
     assert outcome.finished and len(outcome.history) == 12
     losses = [h["loss"] for h in outcome.history]
     assert sum(losses[-3:]) < sum(losses[:3]) - 0.3, losses
     model_dir = outcome.model_dir
     contract = json.loads((model_dir / "raysys_contract.json").read_text())
     assert contract["last_k"] == 4 and "<s8>" in contract["special_tokens"]
-    probe = json.loads((model_dir / "train_probe.json").read_text())
-    embedder, tok = load_embedder(str(model_dir))
-    got = torch.cat(
-        [
-            embedder.encode_texts(tok, probe["queries"], "query", formatted=True),
-            embedder.encode_texts(tok, probe["passages"], "passage", formatted=True),
-        ]
-    )
-    want = torch.tensor(probe["query_embeddings"] + probe["passage_embeddings"])
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert_probe_reproduced(model_dir)
     # Plain transformers: the new tokens are whole tokens and trained rows.
     from transformers import AutoModel, AutoTokenizer
 

@@ -14,13 +14,6 @@ from raysys.config import ConfigError, load_config
 from raysys.train.tasks.mntp import IGNORE, MntpTask, mask_tokens, mntp_loss
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    from tests.helpers import tiny_llama
-
-    return tiny_llama(tmp_path_factory.mktemp("lm") / "tiny-lm", causal_lm=True)
-
-
 def _cfg(model, data, *extra):
     return load_config(
         None,
@@ -66,14 +59,14 @@ def test_mntp_predicts_token_i_from_position_i_minus_1():
     assert mntp_loss(logits, labels).item() == pytest.approx(want.item(), abs=1e-6)
 
 
-def test_the_module_loss_equals_the_shifted_loss(tiny_lm, toy_data):
+def test_the_module_loss_equals_the_shifted_loss(tiny_lm_dir, toy_data):
     """The module computes the head only where a label follows; the loss equals
     the full-logits shifted loss, and attention is bidirectional."""
     from raysys.models.backbone import base_model, load_tokenizer
 
-    cfg = _cfg(tiny_lm, toy_data)
+    cfg = _cfg(tiny_lm_dir, toy_data)
     task = MntpTask(cfg)
-    tok = load_tokenizer(str(tiny_lm))
+    tok = load_tokenizer(str(tiny_lm_dir))
     torch.manual_seed(0)
     module = task.build(tok).eval()
     data = task.load_data()
@@ -92,16 +85,16 @@ def test_the_module_loss_equals_the_shifted_loss(tiny_lm, toy_data):
     assert (h2[:, 1] - hidden[:, 1]).abs().max() > 1e-4
 
 
-def test_mntp_refuses_a_causal_contract_and_an_unknown_mask_token(tiny_lm, toy_data, tmp_path):
+def test_mntp_refuses_a_causal_contract_and_an_unknown_mask_token(tiny_lm_dir, toy_data, tmp_path):
     from raysys.models.backbone import load_tokenizer
     from raysys.train.tasks.mntp import mask_token_id
 
     with pytest.raises(ConfigError, match="contract.bidirectional=true"):
         load_config(
             None,
-            [f"model={tiny_lm}", f"data.corpus={toy_data / 'corpus.jsonl'}", "train.task=mntp"],
+            [f"model={tiny_lm_dir}", f"data.corpus={toy_data / 'corpus.jsonl'}", "train.task=mntp"],
         )
-    tok = load_tokenizer(str(tiny_lm))
+    tok = load_tokenizer(str(tiny_lm_dir))
     with pytest.raises(ConfigError, match="not one token"):
         mask_token_id(tok, "zzz-not-a-token")
     assert mask_token_id(tok, "w5") == tok.convert_tokens_to_ids("w5")
@@ -109,33 +102,16 @@ def test_mntp_refuses_a_causal_contract_and_an_unknown_mask_token(tiny_lm, toy_d
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("stage", "lora"), [(0, False), (3, True)], ids=["zero0", "zero3-lora"])
-def test_mntp_trains_and_exports(ray_local, tiny_lm, toy_data, tmp_path, stage, lora):
-    from raysys.models.embedder import load_embedder
+def test_mntp_trains_and_exports(ray_local, tiny_lm_dir, toy_data, tmp_path, stage, lora):
     from raysys.train.launch import run_training
+    from tests.helpers import assert_probe_reproduced, short_training
 
-    extra = [
-        f"train.zero_stage={stage}",
-        "train.max_steps=12",
-        "train.per_device_queries=4",
-        "train.optim.lr=2e-2",
-        f"train.checkpoint.storage_path={tmp_path / 'ray'}",
-        f"train.checkpoint.run_name=mntp{stage}",
-    ]
-    if lora:
-        extra += [
-            "model.lora.enabled=true",
-            "model.lora.r=8",
-            "model.lora.target_modules=[q_proj,v_proj]",
-        ]
-    outcome = run_training(_cfg(tiny_lm, toy_data, *extra), tmp_path / "out")
+    extra = short_training(f"mntp{stage}", stage, lora, tmp_path / "ray")
+    outcome = run_training(_cfg(tiny_lm_dir, toy_data, *extra), tmp_path / "out")
     assert outcome.finished and len(outcome.history) == 12
     losses = [h["loss"] for h in outcome.history]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     model_dir = outcome.model_dir
     contract = json.loads((model_dir / "raysys_contract.json").read_text())
     assert contract["bidirectional"] is True
-    probe = json.loads((model_dir / "train_probe.json").read_text())
-    embedder, tok = load_embedder(str(model_dir))
-    got = embedder.encode_texts(tok, probe["passages"], "passage", formatted=True)
-    want = torch.tensor(probe["passage_embeddings"])
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert_probe_reproduced(model_dir)

@@ -82,6 +82,25 @@ class Task(ABC):
         """The part of the trained module whose full weights the export needs."""
         return module
 
+    def training_backbone(self, model_cfg: Any, **extra: Any) -> nn.Module:
+        """:func:`raysys.models.backbone.build_backbone` of :meth:`model_path`
+        under ``model_cfg`` (``model`` or ``reranker``) with the training
+        settings: fp32 master weights whatever the checkpoint's dtype
+        (DeepSpeed casts the module for bf16/fp16 and keeps fp32 in the
+        optimizer), ``train.attn_implementation``, gradient checkpointing."""
+        from raysys.models.backbone import build_backbone
+
+        t = self.cfg.train
+        return build_backbone(
+            self.model_path(),
+            random_init=model_cfg.random_init,
+            lora=model_cfg.lora,
+            gradient_checkpointing=t.gradient_checkpointing,
+            dtype=torch.float32,
+            attn_implementation=t.attn_implementation,
+            **extra,
+        )
+
     def uses_lora(self) -> bool:
         """True when the task trains LoRA adapters (DeepSpeed keeps them whole)."""
         return False

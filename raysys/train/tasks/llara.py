@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysys.contract import EncodingContract, truncated_ids
-from raysys.data.texts import TextSet, load_texts, split_halves
+from raysys.data.texts import TextSet, split_halves
 from raysys.models.backbone import base_model, build_backbone, merged
 from raysys.models.embedder import export_embedder
-from raysys.models.hub import resolve_model
 from raysys.models.pooling import pool
-from raysys.train.tasks.base import LossOutput, Task
+from raysys.train.tasks.base import LossOutput
+from raysys.train.tasks.text import TextTask
 
 PARTS = ("ebae", "ebar")
 
@@ -236,64 +236,31 @@ class LlaraModel(nn.Module):
         return F.normalize(pool(hidden, attention_mask, "last", k).float(), dim=-1)
 
 
-class LlaraTask(Task):
+class LlaraTask(TextTask):
     name: ClassVar[str] = "llara"
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
         from raysys.config import ConfigError
 
+        super().validate(cfg)
         la = cfg.train.llara
         if la.special < 1:
             raise ConfigError("train.llara.special must be >= 1")
         if la.lm_weight < 0 or la.bow_weight <= 0:
             raise ConfigError("train.llara: lm_weight must be >= 0 and bow_weight > 0")
-        if cfg.model.export_adapter:
-            raise ConfigError(
-                "model.export_adapter: the llara task adds tokens to the vocabulary, so "
-                "its export is the merged model"
-            )
-        if cfg.train.attn_implementation == "flash_attention_2":
-            raise ConfigError(
-                "train.attn_implementation: the llara task needs a custom attention mask "
-                "(sdpa or eager), not flash_attention_2"
-            )
         llara_contract(cfg)
-
-    def load_data(self) -> TextSet:
-        return load_texts(self.cfg.data)
-
-    def data_summary(self, data: TextSet) -> dict[str, Any]:
-        return {"texts": len(data), **data.report.to_dict()}
-
-    def model_path(self) -> str:
-        return resolve_model(self.cfg.model.path)
 
     def _special_ids(self, tokenizer: Any) -> list[int]:
         ebae, ebar = special_tokens(self.cfg.train.llara.special)
         return add_special_tokens(tokenizer, ebae + ebar)
 
     def build(self, tokenizer: Any) -> nn.Module:
-        m = self.cfg.model
         self._special_ids(tokenizer)  # the collator's tokenizer gets them too
-        backbone = build_backbone(
-            self.model_path(),
-            random_init=m.random_init,
-            lora=m.lora,
-            gradient_checkpointing=self.cfg.train.gradient_checkpointing,
-            dtype=torch.float32,
-            attn_implementation=self.cfg.train.attn_implementation,
-            causal_lm=True,
-            vocab_size=len(tokenizer),
-            train_embeddings=True,
+        backbone = self.training_backbone(
+            self.cfg.model, causal_lm=True, vocab_size=len(tokenizer), train_embeddings=True
         )
         return LlaraModel(backbone)
-
-    def export_module(self, module: nn.Module) -> nn.Module:
-        return module.backbone
-
-    def uses_lora(self) -> bool:
-        return self.cfg.model.lora.enabled
 
     def collator(self, data: TextSet, tokenizer: Any) -> LlaraCollator:
         self._special_ids(tokenizer)

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysys.contract import truncated_ids
-from raysys.data.texts import TextSet, load_texts
+from raysys.data.texts import TextSet
 from raysys.models.backbone import base_model, build_backbone, make_bidirectional
 from raysys.models.embedder import export_embedder
-from raysys.models.hub import resolve_model
 from raysys.models.pooling import bidirectional_mask, pool
-from raysys.train.tasks.base import LossOutput, Task
+from raysys.train.tasks.base import LossOutput
+from raysys.train.tasks.text import TextTask
 
 IGNORE = -100
 
@@ -160,13 +160,14 @@ class MntpModel(nn.Module):
         return F.normalize(pool(hidden, attention_mask, how).float(), dim=-1)
 
 
-class MntpTask(Task):
+class MntpTask(TextTask):
     name: ClassVar[str] = "mntp"
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
         from raysys.config import ConfigError
 
+        super().validate(cfg)
         mp = cfg.train.mntp
         if not 0 < mp.mask_prob < 1:
             raise ConfigError("train.mntp.mask_prob must be in (0, 1)")
@@ -174,48 +175,16 @@ class MntpTask(Task):
             raise ConfigError(
                 "the mntp task trains bidirectional attention: set contract.bidirectional=true"
             )
-        if cfg.model.export_adapter:
-            raise ConfigError(
-                "model.export_adapter: the mntp task trains the causal LM (with its head), "
-                "so its export is the merged model"
-            )
-        if cfg.train.attn_implementation == "flash_attention_2":
-            raise ConfigError(
-                "train.attn_implementation: the mntp task needs a custom (bidirectional) "
-                "attention mask: sdpa or eager, not flash_attention_2"
-            )
 
     def load_data(self) -> TextSet:
         from raysys.models.backbone import load_tokenizer
 
         # On the driver: a mask token the tokenizer lacks fails here, in one line.
         mask_token_id(load_tokenizer(self.model_path()), self.cfg.train.mntp.mask_token)
-        return load_texts(self.cfg.data)
-
-    def data_summary(self, data: TextSet) -> dict[str, Any]:
-        return {"texts": len(data), **data.report.to_dict()}
-
-    def model_path(self) -> str:
-        return resolve_model(self.cfg.model.path)
+        return super().load_data()
 
     def build(self, tokenizer: Any) -> nn.Module:
-        m = self.cfg.model
-        backbone = build_backbone(
-            self.model_path(),
-            random_init=m.random_init,
-            lora=m.lora,
-            gradient_checkpointing=self.cfg.train.gradient_checkpointing,
-            dtype=torch.float32,
-            attn_implementation=self.cfg.train.attn_implementation,
-            causal_lm=True,
-        )
-        return MntpModel(backbone)
-
-    def export_module(self, module: nn.Module) -> nn.Module:
-        return module.backbone
-
-    def uses_lora(self) -> bool:
-        return self.cfg.model.lora.enabled
+        return MntpModel(self.training_backbone(self.cfg.model, causal_lm=True))
 
     def frozen_from_checkpoint(self) -> bool:
         return self.uses_lora() and not self.cfg.model.random_init

@@ -68,17 +68,7 @@ class RerankTask(GroupsTask):
         return resolve_model(self.cfg.reranker.path)
 
     def build(self, tokenizer: Any) -> nn.Module:
-        r = self.cfg.reranker
-        backbone = build_backbone(
-            self.model_path(),
-            random_init=r.random_init,
-            lora=r.lora,
-            gradient_checkpointing=self.cfg.train.gradient_checkpointing,
-            # fp32 master weights whatever the checkpoint's dtype (DeepSpeed
-            # casts the module for bf16/fp16 and keeps fp32 in the optimizer).
-            dtype=torch.float32,
-            attn_implementation=self.cfg.train.attn_implementation,
-        )
+        backbone = self.training_backbone(self.cfg.reranker)
         return Reranker(backbone, self.cfg.rerank_contract())
 
     def uses_lora(self) -> bool:

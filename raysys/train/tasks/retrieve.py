@@ -105,17 +105,7 @@ class RetrieveTask(GroupsTask):
         return resolve_model(self.cfg.model.path)
 
     def build(self, tokenizer: Any) -> nn.Module:
-        m = self.cfg.model
-        backbone = build_backbone(
-            self.model_path(),
-            random_init=m.random_init,
-            lora=m.lora,
-            gradient_checkpointing=self.cfg.train.gradient_checkpointing,
-            # fp32 master weights whatever the checkpoint's dtype (DeepSpeed
-            # casts the module for bf16/fp16 and keeps fp32 in the optimizer).
-            dtype=torch.float32,
-            attn_implementation=self.cfg.train.attn_implementation,
-        )
+        backbone = self.training_backbone(self.cfg.model)
         return DualEncoder(Embedder(backbone, self.cfg.encoding_contract()))
 
     def export_module(self, module: nn.Module) -> nn.Module:

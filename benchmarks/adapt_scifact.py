@@ -40,11 +40,7 @@ CONTRACTS = {
     "llara": [],  # the export carries its contract; fine-tuning restates it below
     "mntp": ["contract.pooling=mean", "contract.bidirectional=true"],
 }
-COMMON = [
-    "contract.query_max_len=64",
-    "contract.passage_max_len=192",
-    "train.scaling.num_workers=2",
-]
+COMMON = ["contract.query_max_len=64", "train.scaling.num_workers=2"]
 
 
 def raysys(args: list[str], log: Path) -> float:
@@ -95,16 +91,24 @@ def main() -> None:
     ap.add_argument("--passages", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", default=",".join(STEPS))
-    ap.add_argument("--adapt-texts", type=int, default=1500, help="texts per pretext run")
+    ap.add_argument("--adapt-texts", type=int, default=1000, help="texts per pretext run")
+    ap.add_argument("--passage-max-len", type=int, default=128)
+    ap.add_argument("--ft-queries", type=int, default=400, help="train queries fine-tuned on")
+    ap.add_argument("--adapt-lr", type=float, default=1e-4)
+    ap.add_argument("--ft-lr", type=float, default=5e-5)
+    ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args()
+    results = Path(args.results)
+    COMMON.append(f"contract.passage_max_len={args.passage_max_len}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     steps = args.steps.split(",")
-    res = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    res = json.loads(results.read_text()) if results.is_file() else {}
     subset = work / "scifact-subset"
 
     def save() -> None:
-        RESULTS.write_text(json.dumps(res, indent=2) + "\n")
+        res["settings"] = {k: v for k, v in vars(args).items() if k not in ("data", "work")}
+        results.write_text(json.dumps(res, indent=2) + "\n")
 
     if "subset" in steps and not (subset / "corpus.jsonl").is_file():
         res["subset"] = make_subset(Path(args.data), subset, args.passages, args.seed)
@@ -124,6 +128,9 @@ def main() -> None:
                     adapt_cfg,
                     f"data.corpus={subset / 'corpus.jsonl'}",
                     f"data.max_texts={args.adapt_texts}",
+                    f"train.llara.max_len={args.passage_max_len}",
+                    f"train.mntp.max_len={args.passage_max_len}",
+                    f"train.optim.lr={args.adapt_lr}",
                     f"train.checkpoint.storage_path={work / 'ray'}",
                     f"train.checkpoint.run_name=adapt-{name}",
                     *extra,
@@ -208,9 +215,10 @@ def main() -> None:
                     f"data.groups={groups}",
                     f"data.corpus={subset / 'corpus.jsonl'}",
                     "train.group_size=4",
+                    f"data.max_queries={args.ft_queries}",
                     "train.loss.in_batch_negatives=false",
                     "train.loss.temperature=0.02",
-                    "train.optim.lr=2e-5",
+                    f"train.optim.lr={args.ft_lr}",
                     f"train.checkpoint.storage_path={work / 'ray'}",
                     f"train.checkpoint.run_name=ft-{name}",
                     *COMMON,

@@ -198,6 +198,17 @@ def _cmd_mine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_teacher(args: argparse.Namespace) -> int:
+    from raysys.search.teacher import annotate_groups
+
+    flags = [f"reranker.path={args.reranker}"] if args.reranker else []
+    cfg = load_config(_config_path(args), [*args.overrides, *flags])
+    with _session(parent(args.out)):
+        summary = annotate_groups(cfg, args.groups, args.out)
+    result(json.dumps(summary, indent=2))
+    return 0
+
+
 def _cmd_rerank(args: argparse.Namespace) -> int:
     from raysys.data.readers import read_corpus, read_queries
     from raysys.search.runfile import read_run, write_run
@@ -392,6 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument(
         "--margin", type=float, help="drop candidates scored above (lowest positive - margin)"
     )
+
+    te = _config_verb(
+        sub,
+        "teacher",
+        "score training groups with a reranker, for distillation",
+        "Score every positive and negative of the groups with a reranker export on\n"
+        "the rerank actor pool (reranker.pool) and write the groups again with\n"
+        "pos_scores / neg_scores; train on them with train.loss.distill_weight > 0.\n"
+        "Passage ids resolve through data.corpus (else data.path).",
+        "  raysys teacher jobs/scifact_rerank.yaml data=D --reranker runs/reranker/model \\\n"
+        "      --groups runs/mined.jsonl --out runs/mined.teacher.jsonl",
+        _cmd_teacher,
+    )
+    te.add_argument("--groups", required=True, help="training groups (JSONL or Parquet)")
+    te.add_argument("--out", required=True, help="groups JSONL to write, with scores")
+    te.add_argument("--reranker", help="the teacher: a reranker export (reranker.path)")
 
     d = _verb(
         sub,

@@ -98,6 +98,12 @@ class LossConfig:
     mask_false_negatives: bool = True
     # Reranker: grouped softmax cross-entropy (RankLLaMA) or pointwise BCE.
     rerank_loss: Literal["grouped_ce", "bce"] = "grouped_ce"
+    # Distillation from a teacher (retrieve, m3): the groups' teacher scores
+    # (`raysys teacher`) over each query's group; the loss adds
+    # distill_weight x the soft cross-entropy of the student's group scores
+    # (over `temperature`) towards softmax(teacher / teacher_temperature).
+    distill_weight: float = 0.0
+    teacher_temperature: float = 1.0
 
 
 @dataclass
@@ -138,6 +144,27 @@ class MntpConfig:
     mask_token: str = ""
     # Tokens per text.
     max_len: int = 128
+
+
+@dataclass
+class M3Config:
+    """BGE-M3 (train.task=m3): dense, sparse and multi-vector heads trained
+    together. The loss averages the InfoNCE of each head (weighted by
+    ``loss_weights``) and of the ensemble ``sum(weights[h] * s_h)``; with
+    ``self_distill`` the ensemble's softmax (a teacher without gradient) is
+    distilled into each head from optimizer step ``self_distill_start`` on,
+    and the two halves are averaged (BGE-M3's published recipe)."""
+
+    # Multi-vector head output size (0 = the backbone's hidden size).
+    multivector_dim: int = 0
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"dense": 1.0, "sparse": 0.3, "multivector": 1.0}
+    )
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"dense": 1.0, "sparse": 0.1, "multivector": 1.0}
+    )
+    self_distill: bool = True
+    self_distill_start: int = 0
 
 
 @dataclass
@@ -201,6 +228,7 @@ class TrainConfig:
     grad_cache: GradCacheConfig = field(default_factory=GradCacheConfig)
     llara: LlaraConfig = field(default_factory=LlaraConfig)
     mntp: MntpConfig = field(default_factory=MntpConfig)
+    m3: M3Config = field(default_factory=M3Config)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
@@ -296,6 +324,19 @@ class SearchConfig:
     drop_self_hits: bool = True
     # nprobe values for the sweep plot in `raysys pipeline` (IVF indexes).
     sweep: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
+    # Which representation ranks (an M3 model's index has all three):
+    # dense | sparse | multivector (exact MaxSim over every passage) | hybrid
+    # (candidates from the dense and sparse indexes, each scored by every
+    # representation the index has, then fused).
+    mode: Literal["dense", "sparse", "multivector", "hybrid"] = "dense"
+    # hybrid: candidates per query from each of the dense and sparse indexes.
+    hybrid_candidates: int = 100
+    # hybrid: "weighted" = sum of weight x raw score (BGE-M3's "all"), or "rrf".
+    fusion: Literal["weighted", "rrf"] = "weighted"
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"dense": 1.0, "sparse": 0.3, "multivector": 1.0}
+    )
+    rrf_k: int = 60
 
 
 @dataclass
@@ -395,7 +436,9 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     mine: MineConfig = field(default_factory=MineConfig)
-    # Pipeline stages to run, in order (any prefix of the full list).
+    # Pipeline stages to run, in order. "mine" (before train) mines hard
+    # negatives for the train split with the untrained model.path (`mine:`
+    # settings) and trains on them (data.groups, data.corpus = data.path).
     stages: list[str] = field(
         default_factory=lambda: ["train", "encode", "index", "search", "evaluate"]
     )
@@ -427,7 +470,7 @@ class Config:
             raise ConfigError(f"invalid contract: {e}") from e
 
 
-STAGES = ("train", "encode", "index", "search", "rerank", "evaluate")
+STAGES = ("mine", "train", "encode", "index", "search", "rerank", "evaluate")
 ALIASES = {"model": "model.path", "data": "data.path", "split": "data.split"}
 
 # Keys that moved when sections were grouped: old dotted key -> new one. An
@@ -659,6 +702,8 @@ def _validate(cfg: Config) -> None:
         (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
         (t.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3"),
         (t.loss.temperature > 0, "train.loss.temperature must be > 0"),
+        (t.loss.distill_weight >= 0, "train.loss.distill_weight must be >= 0"),
+        (t.loss.teacher_temperature > 0, "train.loss.teacher_temperature must be > 0"),
         (t.optim.lr > 0, "train.optim.lr must be > 0"),
         (t.optim.head_lr >= 0, "train.optim.head_lr must be >= 0"),
         (0 <= t.optim.warmup_ratio < 1, "train.optim.warmup_ratio must be in [0, 1)"),
@@ -667,6 +712,12 @@ def _validate(cfg: Config) -> None:
         (cfg.model.lora.r >= 1, "model.lora.r must be >= 1"),
         (0 <= cfg.model.lora.dropout < 1, "model.lora.dropout must be in [0, 1)"),
         (cfg.data.sampled_negatives >= 0, "data.sampled_negatives must be >= 0"),
+        (cfg.search.hybrid_candidates >= 1, "search.hybrid_candidates must be >= 1"),
+        (
+            set(cfg.search.weights) <= {"dense", "sparse", "multivector"},
+            "search.weights takes the keys dense, sparse and multivector, not "
+            + ", ".join(sorted(set(cfg.search.weights) - {"dense", "sparse", "multivector"})),
+        ),
         (cfg.encode.shard_size >= 1, "encode.shard_size must be >= 1"),
         (cfg.encode.pool.batch_size >= 1, "encode.pool.batch_size must be >= 1"),
         (cfg.encode.pool.micro_batch >= 1, "encode.pool.micro_batch must be >= 1"),
@@ -720,6 +771,8 @@ def _validate(cfg: Config) -> None:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
+    if "mine" in cfg.stages and cfg.data.groups:
+        raise ConfigError("stages: the mine stage writes the training groups; unset data.groups")
     cfg.encoding_contract()
     if "rerank" in cfg.stages:
         if not cfg.reranker.path:

@@ -38,6 +38,7 @@ _SPACE_FIELDS = (
     "bidirectional",
     "use_title",
     "dim",
+    "multivector_dim",
     "fingerprint",
 )
 
@@ -141,6 +142,11 @@ class EncodingContract(JsonContract):
     bidirectional: bool = False
     use_title: bool = True
     dim: int | None = None
+    # What the model writes per text (raysys.representations): "dense" always;
+    # an M3 model adds "sparse" (lexical weights) and "multivector" (token
+    # vectors of multivector_dim, from the heads in m3_heads.safetensors).
+    representations: list[str] = field(default_factory=lambda: ["dense"])
+    multivector_dim: int | None = None
     # Content hash of the weights (set when a model is loaded for encoding).
     fingerprint: str | None = None
     # Where the weights are when the export is an adapter (LoRA) over a base.
@@ -164,6 +170,13 @@ class EncodingContract(JsonContract):
             raise ContractError(f"contract.last_k must be an integer >= 1, not {self.last_k!r}")
         if self.last_k > 1 and self.pooling != "last":
             raise ContractError("contract.last_k > 1 needs contract.pooling=last")
+        reps = list(self.representations)
+        known = {"dense", "sparse", "multivector"}
+        if not reps or reps[0] != "dense" or len(set(reps)) != len(reps) or set(reps) - known:
+            raise ContractError(
+                "contract.representations must start with dense and name each of dense, "
+                f"sparse, multivector at most once, not {reps!r}"
+            )
         if "{instruction}" in self.query_prefix and not self.instruction:
             raise ContractError(
                 "contract.query_prefix has an {instruction} slot but contract.instruction is empty"

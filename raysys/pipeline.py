@@ -2,7 +2,9 @@
 from one config, each step a function of :mod:`raysys.stages`.
 
 Writes into the output folder: ``metrics.json`` (nDCG@10, MRR@10, Recall@100,
-Recall@1000 of the final run: reranked when the rerank stage ran), the run
+Recall@1000 of the final run: reranked when the rerank stage ran; with an M3
+model, ``search.mode`` decides which run, and ``metrics_by_mode.json`` holds
+every mode's), the run
 file(s) (``run.trec``, ``run.rerank.trec``), ``report.md``, ``results.json``,
 ``nprobe.png`` (quality against nprobe) and, when it trained,
 ``train/loss.png`` and ``train/tensorboard/``.
@@ -91,7 +93,32 @@ def _retrieval(
         if "search" not in stages:
             return row, None
         result = clock.run(label + "search", search_stage, cfg, index_dir, queries, encoder)
+        by_mode = {result.searcher.mode: result}
+        if "evaluate" in stages and len(result.searcher.modes) > 1:
+            # An M3 index: every mode, from the same query representations.
+            reps = result.qvecs if isinstance(result.qvecs, dict) else None
+            for mode in result.searcher.modes:
+                if mode not in by_mode:
+                    r = clock.run(
+                        label + "search (other modes)",
+                        search_stage,
+                        cfg,
+                        index_dir,
+                        queries,
+                        encoder,
+                        mode=mode,
+                        qreps=reps,
+                    )
+                    reps = reps if reps is not None else r.qvecs
+                    by_mode[mode] = r
     write_run(result.run, out.join("run.trec"))
+    if len(by_mode) > 1:
+        metrics_by_mode = {m: evaluate_stage(qrels, r.run) for m, r in by_mode.items()}
+        out.join("metrics_by_mode.json").write_text(json.dumps(metrics_by_mode, indent=2))
+        notes.append(
+            f"{label}nDCG@10 by search mode: "
+            + ", ".join(f"{m} {v['nDCG@10']:.4f}" for m, v in metrics_by_mode.items())
+        )
     row.index = dict(result.searcher.manifest)
     if "evaluate" in stages:
         t0 = time.perf_counter()
@@ -104,6 +131,28 @@ def _retrieval(
         out.join("nprobe_sweep.json").write_text(json.dumps(row.sweep, indent=2))
         clock.timings[label + "evaluate"] = time.perf_counter() - t0
     return row, result.run
+
+
+def mine_stage(cfg: Config, out: Location, clock: _Clock) -> Config:
+    """Mine hard negatives with the untrained model (``cfg.mine``) into
+    ``out/mine/groups.jsonl``; returns ``cfg`` training on them."""
+    import dataclasses
+
+    from raysys.search.mine import mine
+
+    local = out.local_path
+    if local is None:
+        raise ConfigError("the mine stage writes its groups locally: give a local --out")
+    groups = Path(local) / "mine" / "groups.jsonl"
+    if not groups.is_file():  # a rerun (resume) keeps the groups it mined
+        groups.parent.mkdir(parents=True, exist_ok=True)
+        summary = clock.run("mine", mine, cfg, groups)
+        say(
+            f"mine: {summary['groups']:,} groups, negatives from ranks "
+            f"{summary['ranks'][0]}-{summary['ranks'][1]}"
+        )
+    data = dataclasses.replace(cfg.data, groups=str(groups), corpus=cfg.data.path)
+    return dataclasses.replace(cfg, data=data)
 
 
 def run_pipeline(cfg: Config, out_dir: str | Path | Location) -> dict[str, Any]:
@@ -151,6 +200,8 @@ def run_pipeline(cfg: Config, out_dir: str | Path | Location) -> dict[str, Any]:
                 notes,
             )
         rows.append(row)
+    if "mine" in stages and "train" in stages:
+        cfg = mine_stage(cfg, out, clock)
     if "train" in stages:
         outcome = clock.run("train", train_stage, cfg, out.join("train"))
         if outcome.model_dir is None:

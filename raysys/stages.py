@@ -76,21 +76,38 @@ def index_stage(
 
     emb = embeddings_dir(embeddings)
     reps = read_manifest(emb).get("representations", ["dense"])
-    # One representation today; several (dense + sparse) will index side by side.
-    rep = get_representation(reps[0])
-    t0 = time.perf_counter()
-    m = rep.build_index(emb, resolve(out), cfg.index, tune_queries=tune_queries)
-    line = (
-        f"index: {m['factory']} over {m['count']:,} vectors in {duration(time.perf_counter() - t0)}"
-    )
-    recalls = m.get("nprobe_recall_at_10") or {}
-    if recalls:
-        line += (
-            f"; default nprobe {m['nprobe']} (recall@10 vs exact {recalls[str(m['nprobe'])]:.3f}, "
-            f"best {max(recalls.values()):.3f}; tuned in {duration(m['tuning']['seconds'])})"
+    out = resolve(out)
+    first: dict[str, Any] = {}
+    # The first (dense) index at ``out``; an M3 model's others in ``out/<name>``.
+    for i, name in enumerate(reps):
+        rep = get_representation(name)
+        t0 = time.perf_counter()
+        m = rep.build_index(
+            emb, out if i == 0 else out.join(name), cfg.index, tune_queries=tune_queries
         )
-    say(line)
-    return m
+        took = duration(time.perf_counter() - t0)
+        if name == "sparse":
+            line = (
+                f"index ({name}): inverted index over {m['count']:,} passages, "
+                f"{m['terms_per_passage']} terms each, {m['bytes'] / 2**20:.1f} MiB, in {took}"
+            )
+        elif name == "multivector":
+            line = (
+                f"index ({name}): {m['tokens']:,} token vectors, "
+                f"{m['bytes_per_passage']:,.0f} bytes per passage, in {took}"
+            )
+        else:
+            line = f"index: {m['factory']} over {m['count']:,} vectors in {took}"
+        recalls = m.get("nprobe_recall_at_10") or {}
+        if recalls:
+            line += (
+                f"; default nprobe {m['nprobe']} (recall@10 vs exact "
+                f"{recalls[str(m['nprobe'])]:.3f}, best {max(recalls.values()):.3f}; "
+                f"tuned in {duration(m['tuning']['seconds'])})"
+            )
+        say(line)
+        first = first or m
+    return first
 
 
 @dataclass
@@ -123,24 +140,48 @@ def search_stage(
     encoder: QueryEncoder,
     *,
     topk: int | None = None,
+    mode: str | None = None,
+    qreps: Any = None,
 ) -> SearchResult:
-    """Encode ``queries`` under the index's contract and search (``cfg.search``)."""
+    """Encode ``queries`` under the index's contract and search (``cfg.search``;
+    ``mode`` overrides ``search.mode``; ``qreps`` are queries already
+    represented, as ``SearchResult.qvecs`` holds them)."""
     s = cfg.search
-    searcher = Searcher(index_dir, encoder)
+    searcher = Searcher(index_dir, encoder, mode or s.mode, s)
     qids = sorted(queries)
     bar = Progress("search", len(qids), "queries")
-    dim = int(searcher.manifest.get("dim") or 0)
-    qvecs = _encode_queries(encoder, queries, qids, s.batch_size, bar, dim)
+    if qreps is None:
+        dim = int(searcher.manifest.get("dim") or 0)
+        if searcher.mode == "dense":
+            qreps = _encode_queries(encoder, queries, qids, s.batch_size, bar, dim)
+        else:
+            qreps = _represent_queries(encoder, queries, qids, s.batch_size, bar)
     k = topk or s.topk
-    res = SearchResult({}, qids, qvecs, searcher, k, s.drop_self_hits)
+    res = SearchResult({}, qids, qreps, searcher, k, s.drop_self_hits)
     res.run = res.at_nprobe(s.nprobe)
     nprobe = s.nprobe or searcher.manifest.get("nprobe") or 0
     bar.close(
-        f"search: {len(qids):,} queries, top {k}"
-        + (f", nprobe {nprobe}" if nprobe else "")
+        f"search ({searcher.mode}): {len(qids):,} queries, top {k}"
+        + (f", nprobe {nprobe}" if nprobe and searcher.mode in ("dense", "hybrid") else "")
         + f", in {duration(bar.elapsed)}"
     )
     return res
+
+
+def _represent_queries(
+    encoder: QueryEncoder, queries: dict[str, str], qids: list[str], batch: int, bar: Progress
+) -> dict[str, Any]:
+    """Every representation of the queries, by name (see :meth:`QueryEncoder.represent`)."""
+    out: dict[str, Any] = {}
+    for i in range(0, len(qids), batch):
+        chunk = qids[i : i + batch]
+        for name, value in encoder.represent([queries[q] for q in chunk], batch).items():
+            if isinstance(value, np.ndarray):
+                out[name] = np.concatenate([out[name], value]) if name in out else value
+            else:
+                out.setdefault(name, []).extend(value)
+        bar.update(len(chunk))
+    return out
 
 
 def _encode_queries(

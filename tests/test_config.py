@@ -95,7 +95,7 @@ def test_unknown_key_in_file_is_named(tmp_path):
         ("train.loss.gather_negatives=maybe", "train.loss.gather_negatives: expected true or"),
         (
             "train.task=nosuch",
-            "train.task: unknown task 'nosuch'; known: llara, mntp, rerank, retrieve",
+            "train.task: unknown task 'nosuch'; known: llara, m3, mntp, rerank, retrieve",
         ),
         ("train.task=os.path:join", "is not a raysys Task subclass"),
         ("contract.pooling=max", "contract.pooling: 'max' is not one of"),

@@ -165,3 +165,42 @@ def test_tiny_decoder_reranker_trains_under_zero3(ray_local, tiny_llama_dir, tmp
     ids = scorer.contract.token_ids(scorer.tokenizer, probe["pairs"])
     assert all(x[-1] == scorer.tokenizer.eos_token_id for x in ids)
     assert scorer.score_ids(ids) == pytest.approx(probe["scores"], abs=1e-4)
+
+
+def test_teacher_scores_every_group_passage(ray_local, tiny_reranker, toy_data, tmp_path):
+    """`raysys teacher`'s function: one reranker score per positive and per
+    negative, equal to the reranker's own on the pair; the groups read back
+    with the scores, and training with distillation uses them."""
+    import json
+
+    from raysys.config import load_config
+    from raysys.data.groups import read_groups
+    from raysys.data.readers import read_corpus
+    from raysys.search.teacher import annotate_groups
+
+    cfg = load_config(
+        None,
+        [
+            f"data.corpus={toy_data / 'corpus.jsonl'}",
+            f"reranker.path={tiny_reranker}",
+            "data.max_queries=6",
+            "reranker.pool.batch_size=8",
+        ],
+    )
+    out = tmp_path / "teacher.jsonl"
+    summary = annotate_groups(cfg, toy_data / "groups.jsonl", out)
+    assert summary["groups"] == 6 and summary["pairs"] == 6 * 4
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    src = [json.loads(x) for x in (toy_data / "groups.jsonl").read_text().splitlines()][:6]
+    assert [r["negatives"] for r in recs] == [s["negatives"] for s in src]
+    corpus = read_corpus(toy_data / "corpus.jsonl")
+    text = dict(
+        zip(corpus.column("id").to_pylist(), corpus.column("text").to_pylist(), strict=True)
+    )
+    r = recs[2]
+    plain = Scorer(tiny_reranker).score(
+        [r["query"]] * 4, [("", text[d]) for d in r["positives"] + r["negatives"]]
+    )
+    assert r["pos_scores"] + r["neg_scores"] == pytest.approx(plain, abs=1e-5)
+    ts = read_groups(out, corpus)
+    assert ts.teacher_scores(2, ts.positives[2] + ts.negatives[2]) == pytest.approx(plain, abs=1e-5)

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 _POS_FIELDS = ("positives", "positive_passages", "positive_document_ids", "pos")
 _NEG_FIELDS = ("negatives", "negative_passages", "negative_document_ids", "neg")
+# Teacher scores, parallel to the positives / negatives lists (FlagEmbedding's names too).
+_POS_SCORE_FIELDS = ("pos_scores", "positive_scores")
+_NEG_SCORE_FIELDS = ("neg_scores", "negative_scores")
 
 
 @dataclass
@@ -51,6 +54,8 @@ class TrainingSet:
     positives: list[list[int]]  # corpus rows
     negatives: list[list[int]]
     report: Report
+    # Teacher scores per group, corpus row -> score (`raysys teacher`), or None.
+    scores: list[dict[int, float]] | None = None
 
     def __post_init__(self) -> None:
         # One large_string chunk per column: fetching a batch of passages then
@@ -85,6 +90,15 @@ class TrainingSet:
             if r not in banned:
                 out.append(r)
         return pos, out
+
+    def teacher_scores(self, i: int, rows: list[int]) -> list[float]:
+        """Group ``i``'s teacher scores of ``rows`` (groups read with scores)."""
+        if self.scores is None:
+            raise DataError(
+                "train.loss.distill_weight > 0 needs teacher scores in the training groups "
+                "(pos_scores / neg_scores; `raysys teacher` writes them)"
+            )
+        return [self.scores[i][r] for r in rows]
 
     def texts(self, rows: list[int]) -> tuple[list[str], list[str], list[str]]:
         """(ids, titles, texts) for corpus rows."""
@@ -176,6 +190,7 @@ def read_groups(
     positives: list[list[int]] = []
     negatives: list[list[int]] = []
     seen: set[str] = set()
+    scores: list[dict[int, float]] = []
     for loc, rec in iter_records(path, report, on_bad_line):
         qid = _field(rec, ("query_id", "qid", "_id", "id"))
         query = _field(rec, ("query", "query_text", "text"))
@@ -192,15 +207,25 @@ def read_groups(
         neg_items = _field(rec, _NEG_FIELDS) or []
         if not isinstance(pos_items, list) or not isinstance(neg_items, list):
             raise DataError(f"{loc}: positives and negatives must be lists")
-        pos = [r for r in (builder.resolve(x, loc, report) for x in pos_items) if r is not None]
+        pos_rows = [builder.resolve(x, loc, report) for x in pos_items]
+        pos = [r for r in pos_rows if r is not None]
         if not pos:
             report.skip("queries without a positive", f"{loc} (query {qid})")
             continue
         pos_set = set(pos)
-        neg = [r for r in (builder.resolve(x, loc, report) for x in neg_items) if r is not None]
+        neg_rows = [builder.resolve(x, loc, report) for x in neg_items]
+        neg = [r for r in neg_rows if r is not None]
         dropped = [r for r in neg if r in pos_set]
         if dropped:
             report.skip("negatives that are also positives", f"{loc} (query {qid})")
+        group_scores = _teacher_scores(rec, loc, pos_rows, neg_rows)
+        if (group_scores is None) != (not scores) and qids:
+            raise DataError(
+                f"{loc}: teacher scores must be on every group or on none "
+                f"({'this group has none' if group_scores is None else 'earlier groups have none'})"
+            )
+        if group_scores is not None:
+            scores.append(group_scores)
         seen.add(qid)
         qids.append(qid)
         queries.append(str(query))
@@ -212,7 +237,29 @@ def read_groups(
         log.warning("training groups %s: %s", path, report.summary())
     if not qids:
         raise DataError(f"{path}: no usable training groups ({report.summary()})")
-    return TrainingSet(builder.table(), qids, queries, positives, negatives, report)
+    return TrainingSet(builder.table(), qids, queries, positives, negatives, report, scores or None)
+
+
+def _teacher_scores(
+    rec: dict[str, Any], loc: str, pos_rows: list[int | None], neg_rows: list[int | None]
+) -> dict[int, float] | None:
+    """corpus row -> teacher score of one group, or None when it has none."""
+    pos_s, neg_s = _field(rec, _POS_SCORE_FIELDS), _field(rec, _NEG_SCORE_FIELDS)
+    if pos_s is None and neg_s is None:
+        return None
+    out: dict[int, float] = {}
+    for what, rows, vals in (("pos", pos_rows, pos_s), ("neg", neg_rows, neg_s)):
+        if not isinstance(vals, list) or len(vals) != len(rows):
+            raise DataError(
+                f"{loc}: {what}_scores must be a list with one number per "
+                f"{'positive' if what == 'pos' else 'negative'} ({len(rows)})"
+            )
+        for r, v in zip(rows, vals, strict=True):
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise DataError(f"{loc}: {what}_scores holds {v!r}, not a number")
+            if r is not None:
+                out[r] = float(v)
+    return out
 
 
 def groups_from_beir(

@@ -189,7 +189,6 @@ class EncodeShardActor:
                 shard.column("text").to_pylist(), shard.column("title").to_pylist(), strict=True
             )
         ]
-        out_dtype = torch.float16 if self.dtype == "float16" else torch.float32
         outs: dict[str, list[Any]] = defaultdict(list)
         with torch.inference_mode(), self.settings.autocast():
             for rows, enc in prefetch(self._micro_batches(texts)):
@@ -197,13 +196,13 @@ class EncodeShardActor:
                     time.sleep(THROTTLE_S)
                 enc = to_device(enc, self.device)
                 rep = self.model.represent(enc["input_ids"], enc["attention_mask"])
-                for name, value in rep.items():
-                    outs[name].append(value.to(out_dtype))
+                for r in self.reps:
+                    outs[r.name].append(r.collect(rep[r.name], self.dtype))
                 if self.progress is not None:
                     self.progress.put.remote({"rows": rows})
         cols: dict[str, Any] = {"id": shard.column("id")}
         for r in self.reps:
-            cols.update(r.to_columns(torch.cat(outs[r.name]).cpu().numpy(), self.dtype))
+            cols.update(r.to_columns(outs[r.name], self.dtype))
         return pa.table(cols)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -262,7 +261,13 @@ def encode_corpus(
     )
     emb_dir = out.join(EMB_DIR)
     emb_dir.mkdir()
-    manifest = _resume_manifest(emb_dir, contract, prepared, enc.dtype, ["dense"])
+    manifest = _resume_manifest(
+        emb_dir, contract, prepared, enc.dtype, list(contract.representations)
+    )
+    if "sparse" in manifest["representations"]:
+        manifest["vocab_size"] = len(cached_tokenizer(model_path))
+    if "multivector" in manifest["representations"]:
+        manifest["multivector_dim"] = contract.multivector_dim
     done = set(manifest["done"])
     for name in emb_dir.listdir():
         if ".tmp" in name:

@@ -54,23 +54,28 @@ class Embedder(nn.Module):
         """The representations this model produces (see :mod:`raysys.representations`)."""
         return ("dense",)
 
-    def represent(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def represent(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
         """Every representation of a batch, keyed by representation name."""
         return {"dense": self(input_ids, attention_mask)}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states ``(B, L, d)`` under the contract."""
         mask_arg: torch.Tensor = attention_mask
         if self._bidirectional:
             dtype = next(p for p in self.backbone.parameters() if p.is_floating_point()).dtype
             mask_arg = bidirectional_mask(attention_mask, dtype)
         out = self.backbone(input_ids=input_ids, attention_mask=mask_arg, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The dense embedding of hidden states (pooling, normalisation)."""
         emb = pool(hidden, attention_mask, self.contract.pooling, self.contract.last_k)
         if self.contract.normalize:
             emb = F.normalize(emb.float(), dim=-1)
         return emb
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.pooled(self.hidden_states(input_ids, attention_mask), attention_mask)
 
     @torch.no_grad()
     def encode_texts(
@@ -104,6 +109,39 @@ class Embedder(nn.Module):
             )
         self.train(was_training)
         return torch.cat(outs) if outs else torch.empty(0, self.hidden_size)
+
+    @torch.no_grad()
+    def represent_texts(
+        self,
+        tokenizer: Any,
+        texts: list[str],
+        kind: str,
+        batch_size: int = 32,
+        formatted: bool = False,
+    ) -> dict[str, Any]:
+        """Every representation of ``texts`` (prefixes applied here unless
+        ``formatted``), in eval mode, as
+        :meth:`raysys.representations.Representation.combine` gives it."""
+        from raysys.representations import get_representation
+
+        if formatted:
+            fmt = str
+        else:
+            fmt = self.contract.format_query if kind == "query" else self.contract.format_passage
+        reps = [get_representation(r) for r in self.representations]
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        parts: dict[str, list[Any]] = {r.name: [] for r in reps}
+        for i in range(0, len(texts), batch_size):
+            batch = self.contract.tokenize(
+                tokenizer, [fmt(t) for t in texts[i : i + batch_size]], kind
+            )  # type: ignore[arg-type]
+            out = self.represent(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            for r in reps:
+                parts[r.name].append(r.collect(out[r.name], "float32"))
+        self.train(was_training)
+        return {r.name: r.combine(parts[r.name]) for r in reps}
 
 
 # -- export / load ------------------------------------------------------------------
@@ -258,5 +296,13 @@ def load_embedder(
         backbone = PeftModel.from_pretrained(base, path).merge_and_unload()
     else:
         backbone = load_pretrained(path, **load_kwargs)
-    model = Embedder(backbone, contract).to(device).eval()
-    return model, load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    model: Embedder
+    if list(contract.representations) != ["dense"]:
+        from raysys.models.m3 import M3Embedder
+
+        model = M3Embedder(backbone, contract, list(tokenizer.all_special_ids))
+        model.load_heads(path)
+    else:
+        model = Embedder(backbone, contract)
+    return model.to(device).eval(), tokenizer

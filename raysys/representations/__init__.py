@@ -5,8 +5,14 @@ from __future__ import annotations
 from raysys.errors import UserError
 from raysys.representations.base import Representation, SearchIndex
 from raysys.representations.dense import DenseRepresentation
+from raysys.representations.multivector import MultiVectorRepresentation
+from raysys.representations.sparse import SparseRepresentation
 
-_KINDS: dict[str, type[Representation]] = {"dense": DenseRepresentation}
+_KINDS: dict[str, type[Representation]] = {
+    "dense": DenseRepresentation,
+    "sparse": SparseRepresentation,
+    "multivector": MultiVectorRepresentation,
+}
 
 
 def get_representation(name: str) -> Representation:

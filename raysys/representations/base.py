@@ -1,15 +1,17 @@
 """The representation seam: what a model writes per passage, how it is
 indexed, and how a query is scored against it.
 
-A representation (``dense`` today; ``sparse`` lexical weights and
-``multivector`` token vectors are the kinds this seam leaves room for) owns:
+A representation (``dense`` vectors, ``sparse`` lexical weights,
+``multivector`` token vectors) owns:
 
 - its **encode output**: the Arrow columns one passage's output becomes in an
-  embedding shard (:meth:`Representation.to_columns`);
+  embedding shard (:meth:`Representation.collect`, then
+  :meth:`Representation.to_columns`);
 - its **index backend**: building an index from the shards and opening it for
   search (:meth:`Representation.build_index`, :meth:`Representation.open_index`);
 - its **scorer**: exact scores of a query against given passages
-  (:meth:`Representation.score`), for reranking candidates and for tests.
+  (:meth:`Representation.score`; an opened index's ``score_rows`` scores
+  given rows), for hybrid search and for tests.
 
 Models say which representations they produce (``model.represent`` returns a
 dict keyed by name); embedding manifests and index manifests record them.
@@ -45,9 +47,20 @@ class SearchIndex(Protocol):
 class Representation(ABC):
     name: ClassVar[str]
 
+    def collect(self, output: Any, dtype: str) -> Any:
+        """What the encoder keeps of one micro-batch's output until its shard
+        is done (the dense output stays on the device)."""
+        return output
+
     @abstractmethod
-    def to_columns(self, output: Any, dtype: str) -> dict[str, pa.Array]:
-        """Shard columns for a batch of model outputs (one row per passage)."""
+    def combine(self, parts: list[Any]) -> Any:
+        """Collected micro-batch outputs as one value for search (dense: a
+        float32 matrix; token-level kinds: a list with one entry per text)."""
+
+    @abstractmethod
+    def to_columns(self, parts: list[Any], dtype: str) -> dict[str, pa.Array]:
+        """Shard columns for a shard's collected micro-batch outputs (one row
+        per passage, in order)."""
 
     @abstractmethod
     def build_index(

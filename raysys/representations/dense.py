@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from raysys.representations.base import Representation
 from raysys.storage import Location
@@ -23,6 +24,7 @@ class DenseIndex:
 
         self.index, self.ids, self.manifest = load_index(index_dir)
         self.default_nprobe = int(self.manifest.get("nprobe") or 0)
+        self._direct_map = False
 
     @property
     def nlist(self) -> int:
@@ -46,6 +48,24 @@ class DenseIndex:
         k = min(k, self.index.ntotal)
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
+    def score_rows(self, query: Any, rows: np.ndarray) -> np.ndarray:
+        """Inner products of one query with the given rows' vectors as the
+        index stores them (decoded PQ codes for IVF-PQ)."""
+        from raysys.index.faiss_lib import load_faiss
+
+        faiss = load_faiss()
+        if not self._direct_map:
+            try:
+                faiss.extract_index_ivf(self.index).make_direct_map()
+            except RuntimeError:
+                pass  # not IVF: Flat and IDMap2 reconstruct as they are
+            self._direct_map = True
+        rows = np.asarray(rows, np.int64)
+        vecs = np.stack([self.index.reconstruct(int(r)) for r in rows]) if len(rows) else None
+        if vecs is None:
+            return np.zeros(0, np.float32)
+        return vecs @ np.asarray(query, np.float32)
+
     def sweep_points(self, candidates: list[int]) -> list[int]:
         nlist = self.nlist
         if not nlist:
@@ -56,8 +76,14 @@ class DenseIndex:
 class DenseRepresentation(Representation):
     name: ClassVar[str] = "dense"
 
-    def to_columns(self, output: Any, dtype: str) -> dict[str, pa.Array]:
-        emb = np.asarray(output, dtype=np.float16 if dtype == "float16" else np.float32)
+    def collect(self, output: Any, dtype: str) -> Any:
+        return output.to(torch.float16 if dtype == "float16" else torch.float32)
+
+    def combine(self, parts: list[Any]) -> np.ndarray:
+        return torch.cat(parts).float().cpu().numpy() if parts else np.zeros((0, 0), np.float32)
+
+    def to_columns(self, parts: list[Any], dtype: str) -> dict[str, pa.Array]:
+        emb = self.combine(parts).astype(np.float16 if dtype == "float16" else np.float32)
         vec = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1])
         return {COLUMN: vec}
 

@@ -13,7 +13,7 @@ from raysys.contract import EncodingContract, check_compatible
 from raysys.index.manifest import read_manifest
 from raysys.representations import get_representation
 from raysys.search.runfile import Run
-from raysys.storage import Location
+from raysys.storage import Location, resolve
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,18 @@ class QueryEncoder:
         embedder, tok = self.get()
         return embedder.encode_texts(tok, texts, "query", batch_size).numpy()
 
+    def represent(self, texts: list[str], batch_size: int = 256) -> dict[str, Any]:
+        """Every representation of the model for ``texts`` (queries), by name."""
+        if self.remote:
+            import ray
+
+            from raysys.runtime import surface_user_errors
+
+            with surface_user_errors():
+                return ray.get(self._get_actor().represent.remote(texts, batch_size))
+        embedder, tok = self.get()
+        return embedder.represent_texts(tok, texts, "query", batch_size)
+
     def close(self) -> None:
         """Release the GPU actor, if any (a rerank pool may want its GPU)."""
         if self._actor is not None:
@@ -105,24 +117,72 @@ class QueryEncodeActor:
         with self.settings.autocast():
             return self.embedder.encode_texts(self.tok, texts, "query", batch_size).numpy()
 
+    def represent(self, texts: list[str], batch_size: int) -> dict[str, Any]:
+        with self.settings.autocast():
+            return self.embedder.represent_texts(self.tok, texts, "query", batch_size)
+
     def device(self) -> str:
         return str(next(self.embedder.parameters()).device)
 
 
-class Searcher:
-    """A loaded index plus the query encoder whose contract matches it."""
+MODES = ("dense", "sparse", "multivector", "hybrid")
 
-    def __init__(self, index_dir: str | Path | Location, encoder: QueryEncoder) -> None:
-        manifest = read_manifest(index_dir)
-        self.representation = get_representation(manifest.get("representation", "dense"))
-        self.index = self.representation.open_index(index_dir)
+
+class Searcher:
+    """A loaded index plus the query encoder whose contract matches it.
+
+    ``index_dir`` is the dense index; an M3 model's index folder also holds
+    ``sparse/`` and ``multivector/`` (:func:`raysys.stages.index_stage`).
+    ``mode`` picks which ranks (``search.mode``); :attr:`modes` lists what
+    the folder supports. ``options`` is the ``search`` config section (the
+    hybrid's candidates, fusion and weights).
+    """
+
+    def __init__(
+        self,
+        index_dir: str | Path | Location,
+        encoder: QueryEncoder,
+        mode: str = "dense",
+        options: Any = None,
+    ) -> None:
+        from raysys.errors import UserError
+
+        root = resolve(index_dir)
+        manifest = read_manifest(root)
+        heads = [manifest.get("representation", "dense")]
+        heads += [r for r in ("sparse", "multivector") if root.join(r, "manifest.json").is_file()]
+        self.modes = [*heads, "hybrid"] if len(heads) > 1 else heads
+        if mode not in self.modes:
+            raise UserError(
+                f"search.mode={mode}: the index at {index_dir} supports {', '.join(self.modes)}"
+            )
+        self.mode, self.options = mode, options
+        needed = heads if mode == "hybrid" else [mode]
+        self.indexes: dict[str, Any] = {}
+        for h in needed:
+            where = root if h == heads[0] else root.join(h)
+            self.indexes[h] = get_representation(h).open_index(where)
+        counts = {h: len(x.ids) for h, x in self.indexes.items()}
+        if len(set(counts.values())) > 1:
+            raise UserError(f"{index_dir}: its indexes hold different passages {counts}")
+        self.index = self.indexes[needed[0]]
+        self.representation = get_representation(needed[0])
         self.manifest = self.index.manifest
         self.encoder = encoder
         embedder, _ = encoder.get()
-        check_compatible(EncodingContract.from_dict(self.manifest["contract"]), embedder.contract)
+        check_compatible(EncodingContract.from_dict(manifest["contract"]), embedder.contract)
+        lacking = [h for h in needed if h not in embedder.representations]
+        if lacking:
+            raise UserError(
+                f"search.mode={mode} needs the {', '.join(lacking)} representation, which the "
+                f"query encoder ({embedder.contract.model}) does not produce"
+            )
 
-    def encode(self, queries: list[str], batch_size: int = 256) -> np.ndarray:
-        return self.encoder.encode(queries, batch_size)
+    def encode(self, queries: list[str], batch_size: int = 256) -> Any:
+        """Query representations: a matrix in dense mode, else a dict by name."""
+        if self.mode == "dense":
+            return self.encoder.encode(queries, batch_size)
+        return self.encoder.represent(queries, batch_size)
 
     def search(
         self,
@@ -134,8 +194,30 @@ class Searcher:
         drop_self_hits: bool = True,
     ) -> Run:
         """Top ``topk`` hits per query (``nprobe`` 0: the index's default)."""
+        from raysys.search.hybrid import hybrid_search
+
         k = topk + (1 if drop_self_hits else 0)
-        scores, rows = self.index.search(qvecs, k, nprobe)
+        if self.mode == "hybrid":
+            o = self.options
+            scores, rows = hybrid_search(
+                self.indexes,
+                qvecs,
+                k,
+                nprobe=nprobe,
+                **(
+                    {
+                        "candidates": o.hybrid_candidates,
+                        "weights": o.weights,
+                        "method": o.fusion,
+                        "rrf_k": o.rrf_k,
+                    }
+                    if o is not None
+                    else {}
+                ),
+            )
+        else:
+            q = qvecs[self.mode] if isinstance(qvecs, dict) else qvecs
+            scores, rows = self.index.search(q, k, nprobe)
         ids = self.index.ids
         run: Run = {}
         for qid, srow, rrow in zip(qids, scores, rows, strict=True):

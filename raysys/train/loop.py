@@ -128,6 +128,7 @@ def optimizer_step(
     any two runs of the same config) replays the same masks.
     """
     loss, examples, tokens = 0.0, 0, 0
+    task.step = step
     for k in range(train.grad_accum):
         micro = step * train.grad_accum + k
         epoch, idx = micro_batch_indices(n_examples, train, micro, micro_per_epoch, rank, world)

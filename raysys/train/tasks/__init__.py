@@ -1,8 +1,9 @@
 """Training tasks, by name: ``train.task`` picks one.
 
-Built in: ``retrieve`` (bi-encoder, InfoNCE), ``rerank`` (cross-encoder) and
-``llara`` (LLaRA's EBAE/EBAR pretext) and ``mntp`` (LLM2Vec's masked
-next-token prediction), both on plain text.
+Built in: ``retrieve`` (bi-encoder, InfoNCE), ``m3`` (BGE-M3's dense,
+sparse and multi-vector heads), ``rerank`` (cross-encoder), and ``llara``
+(LLaRA's EBAE/EBAR pretext) and ``mntp`` (LLM2Vec's masked next-token
+prediction), both on plain text.
 Any other value of the form ``package.module:Class`` imports a
 :class:`~raysys.train.tasks.base.Task` subclass of your own.
 """
@@ -19,6 +20,7 @@ _BUILTIN = {
     "rerank": "raysys.train.tasks.rerank:RerankTask",
     "llara": "raysys.train.tasks.llara:LlaraTask",
     "mntp": "raysys.train.tasks.mntp:MntpTask",
+    "m3": "raysys.train.tasks.m3:M3Task",
 }
 _REGISTERED: dict[str, type[Task]] = {}
 

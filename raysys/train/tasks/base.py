@@ -54,6 +54,9 @@ class Task(ABC):
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+        # The 0-based optimizer step being computed, set by the loop before
+        # each one (for losses with a schedule, such as M3's self-distillation).
+        self.step = 0
 
     @classmethod  # noqa: B027 (an optional hook: most tasks accept any settings)
     def validate(cls, cfg: Any) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from raysys.contract import EncodingContract
 from raysys.data.groups import TrainingSet, load_training_set
-from raysys.losses import info_nce
+from raysys.losses import info_nce, soft_cross_entropy
 from raysys.models.backbone import build_backbone
 from raysys.models.embedder import Embedder, export_embedder
 from raysys.models.hub import resolve_model
@@ -28,6 +28,8 @@ class RetrievalBatch:
     passages: dict[str, torch.Tensor]
     passage_ids: list[str]
     query_positive_ids: list[set[str]]
+    # (B, G) teacher scores of each group's passages (distillation), or None.
+    teacher: torch.Tensor | None = None
 
     def num_tokens(self) -> int:
         return int(self.queries["attention_mask"].sum() + self.passages["attention_mask"].sum())
@@ -38,13 +40,20 @@ class GroupCollator:
     + ``group_size - 1`` negatives from ``(seed, epoch, group)``."""
 
     def __init__(
-        self, data: TrainingSet, tokenizer: Any, contract: Any, group_size: int, seed: int = 42
+        self,
+        data: TrainingSet,
+        tokenizer: Any,
+        contract: Any,
+        group_size: int,
+        seed: int = 42,
+        teacher: bool = False,
     ) -> None:
         self.data = data
         self.tokenizer = tokenizer
         self.contract = contract
         self.group_size = group_size
         self.seed = seed
+        self.teacher = teacher
 
     def rows(self, group: int, epoch: int) -> list[int]:
         """Corpus rows of one group this epoch: the positive first."""
@@ -58,7 +67,17 @@ class RetrievalCollator(GroupCollator):
     contract: EncodingContract
 
     def __call__(self, group_indices: list[int], epoch: int) -> RetrievalBatch:
-        rows = [r for i in group_indices for r in self.rows(i, epoch)]
+        groups = [self.rows(i, epoch) for i in group_indices]
+        rows = [r for g in groups for r in g]
+        teacher = None
+        if self.teacher:
+            teacher = torch.tensor(
+                [
+                    self.data.teacher_scores(i, g)
+                    for i, g in zip(group_indices, groups, strict=True)
+                ],
+                dtype=torch.float32,
+            )
         ids, titles, texts = self.data.texts(rows)
         c = self.contract
         q = c.tokenize(
@@ -74,6 +93,7 @@ class RetrievalCollator(GroupCollator):
             passages=dict(p),
             passage_ids=ids,
             query_positive_ids=[self.data.positive_ids(i) for i in group_indices],
+            teacher=teacher,
         )
 
 
@@ -106,7 +126,7 @@ class RetrieveTask(GroupsTask):
 
     def build(self, tokenizer: Any) -> nn.Module:
         backbone = self.training_backbone(self.cfg.model)
-        return DualEncoder(Embedder(backbone, self.cfg.encoding_contract()))
+        return DualEncoder(Embedder(backbone, self.encoding_contract()))
 
     def export_module(self, module: nn.Module) -> nn.Module:
         return module.embedder.backbone
@@ -120,8 +140,17 @@ class RetrieveTask(GroupsTask):
     def collator(self, data: TrainingSet, tokenizer: Any) -> RetrievalCollator:
         t = self.cfg.train
         return RetrievalCollator(
-            data, tokenizer, self.cfg.encoding_contract(), t.group_size, t.seed
+            data,
+            tokenizer,
+            self.encoding_contract(),
+            t.group_size,
+            t.seed,
+            teacher=t.loss.distill_weight > 0,
         )
+
+    def encoding_contract(self) -> EncodingContract:
+        """The contract the model trains and exports under."""
+        return self.cfg.encoding_contract()
 
     def chunking(self) -> str | None:
         return None
@@ -137,6 +166,7 @@ class RetrieveTask(GroupsTask):
                 passages=_rows(batch.passages, i * g, min(i + queries, n) * g),
                 passage_ids=batch.passage_ids[i * g : (i + queries) * g],
                 query_positive_ids=batch.query_positive_ids[i : i + queries],
+                teacher=None if batch.teacher is None else batch.teacher[i : i + queries],
             )
             for i in range(0, n, queries)
         ]
@@ -175,7 +205,14 @@ class RetrieveTask(GroupsTask):
         # The gathered loss is scaled by the world size for exact gradients.
         world = _world_size()
         gathered = lc.gather_negatives and lc.in_batch_negatives and world > 1
-        return LossOutput(loss, loss.item() / (world if gathered else 1))
+        value = loss.item() / (world if gathered else 1)
+        if lc.distill_weight > 0:
+            # Local to this rank: the ranks' average is the global mean.
+            student = (q.float()[:, None, :] * p.float().view(q.shape[0], t.group_size, -1)).sum(-1)
+            kd = distillation(student / lc.temperature, batch.teacher, lc.teacher_temperature)
+            loss = loss + lc.distill_weight * kd
+            value += lc.distill_weight * kd.item()
+        return LossOutput(loss, value)
 
     def probe(self, module: nn.Module, tokenizer: Any, data: TrainingSet) -> dict[str, Any]:
         """Training-time embeddings of a few fixed texts, to check the export against."""
@@ -214,8 +251,18 @@ class RetrieveTask(GroupsTask):
                 f"export: state dict mismatch (missing {missing}, unexpected {unexpected})"
             )
         os.makedirs(out, exist_ok=True)
-        contract = self.cfg.encoding_contract()
+        contract = self.encoding_contract()
         export_embedder(backbone, tokenizer, contract, out, merge=not m.export_adapter)
+
+
+def distillation(
+    student: torch.Tensor, teacher: torch.Tensor | None, teacher_temperature: float
+) -> torch.Tensor:
+    """Soft cross-entropy of the student's ``(B, G)`` group logits towards
+    the teacher's scores over ``teacher_temperature``."""
+    if teacher is None:
+        raise ValueError("distillation needs the batch's teacher scores")
+    return soft_cross_entropy(student, teacher.to(student.device) / teacher_temperature)
 
 
 def _rows(enc: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:

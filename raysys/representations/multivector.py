@@ -1,0 +1,258 @@
+"""Multi-vector token representations (BGE-M3's multi-vector head, ColBERT's
+late interaction).
+
+Every token state (the first token, CLS or BOS, excepted) is projected and
+L2-normalised. A query scores a passage by MaxSim: the mean, over the
+query's tokens, of each token's maximum inner product with the passage's
+tokens.
+
+- **Encode output:** per passage its token vectors in float16 (column
+  ``mv``: a list of fixed-size vectors). Bytes per passage are
+  ``tokens x dim x 2``; nothing is truncated or quantised.
+- **Store ("index"):** each embedding shard becomes, in its own Ray task, one
+  memory-mappable float16 token matrix plus row offsets. Rows are global row
+  numbers in shard order, the same as the dense and sparse indexes of the
+  same embeddings, so the hybrid search scores a row in each.
+- **Scorer:** MaxSim, exact, over given rows (candidates) or by brute force
+  over the whole store (``search``: costs one pass over every token; at scale
+  use the hybrid mode, whose candidates come from the dense and sparse
+  indexes). A torch version serves training.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from raysys.index.manifest import read_manifest, write_manifest
+from raysys.representations.base import Representation
+from raysys.storage import Location, local_copy, resolve
+
+COLUMN = "mv"
+IDS_FILE = "ids.parquet"
+TOKEN_BLOCK = 8192  # passage tokens scored at once in a brute-force search
+QUERY_BLOCK = 64
+
+
+@dataclass
+class TokenVectors:
+    """A batch's token vectors ``(B, L, d)`` (normalised) and which of them
+    count, ``mask`` ``(B, L)``."""
+
+    vectors: torch.Tensor
+    mask: torch.Tensor
+
+
+def maxsim(q: TokenVectors, p: TokenVectors) -> torch.Tensor:
+    """``(Bq, Np)`` MaxSim scores of every query against every passage."""
+    qv, pv = q.vectors.float(), p.vectors.float()
+    sim = torch.einsum("bid,pjd->bpij", qv, pv)  # (Bq, Np, Lq, Lp)
+    sim = sim.masked_fill(~p.mask.bool()[None, :, None, :], torch.finfo(sim.dtype).min)
+    best = sim.max(dim=-1).values  # (Bq, Np, Lq)
+    qm = q.mask.to(best.dtype)
+    best = best * qm[:, None, :]
+    return best.sum(-1) / qm.sum(-1).clamp(min=1)[:, None]
+
+
+def batch_vectors(tv: TokenVectors) -> list[np.ndarray]:
+    """Per row of a batch, its counted token vectors (float16, on the CPU)."""
+    vec = tv.vectors.detach().to(torch.float16).cpu().numpy()
+    mask = tv.mask.detach().bool().cpu().numpy()
+    return [v[m] for v, m in zip(vec, mask, strict=True)]
+
+
+def maxsim_np(query: np.ndarray, passages: list[np.ndarray]) -> np.ndarray:
+    """MaxSim of one query's token vectors ``(Lq, d)`` against each passage's."""
+    q = np.asarray(query, np.float32)
+    out = np.empty(len(passages), np.float32)
+    for i, p in enumerate(passages):
+        if len(p) == 0 or len(q) == 0:
+            out[i] = 0.0
+            continue
+        out[i] = float((q @ np.asarray(p, np.float32).T).max(axis=1).mean())
+    return out
+
+
+def _shard_store(emb_dir: str, shard: str, part: str) -> dict[str, Any]:
+    """Ray task: one shard's token vectors as one float16 matrix + offsets."""
+    t = resolve(emb_dir).join(shard).read_parquet(columns=["id", COLUMN])
+    col = t.column(COLUMN).combine_chunks()
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    vecs = col.flatten()
+    dim = vecs.type.list_size
+    tokens = vecs.flatten().to_numpy(zero_copy_only=False).astype(np.float16).reshape(-1, dim)
+    buf = io.BytesIO()
+    np.savez(buf, tokens=tokens, offsets=offsets)
+    resolve(part).write_bytes(buf.getvalue())
+    return {"ids": pa.array(t.column("id").to_pylist(), pa.string()), "tokens": len(tokens)}
+
+
+class MultiVectorIndex:
+    """A loaded token store: per shard a token matrix and row offsets."""
+
+    def __init__(self, index_dir: str | Path | Location) -> None:
+        self.manifest = read_manifest(index_dir)
+        d = local_copy(index_dir)
+        self.ids: list[str] = resolve(d / IDS_FILE).read_parquet().column("id").to_pylist()
+        self.tokens: list[np.ndarray] = []
+        self.offsets: list[np.ndarray] = []
+        self.starts: list[int] = []
+        row = 0
+        for part in self.manifest["parts"]:
+            z = np.load(d / part["file"])
+            self.tokens.append(z["tokens"])
+            self.offsets.append(z["offsets"])
+            self.starts.append(row)
+            row += len(z["offsets"]) - 1
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        s = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return s, row - self.starts[s]
+
+    def row_vectors(self, row: int) -> np.ndarray:
+        s, r = self._locate(row)
+        off = self.offsets[s]
+        return self.tokens[s][off[r] : off[r + 1]]
+
+    def score_rows(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact MaxSim of one query against the given rows."""
+        return maxsim_np(query, [self.row_vectors(int(r)) for r in rows])
+
+    def _block_scores(self, queries: list[np.ndarray], s: int, a: int, b: int) -> np.ndarray:
+        """``(len(queries), b - a)`` MaxSim against rows ``a:b`` of shard ``s``."""
+        off = self.offsets[s]
+        tok = self.tokens[s][off[a] : off[b]].astype(np.float32)
+        q = np.concatenate(queries).astype(np.float32)
+        per_row = np.zeros((len(q), b - a), np.float32)  # a passage without tokens: 0
+        has = off[a + 1 : b + 1] > off[a:b]
+        if has.any():
+            sim = q @ tok.T  # (sum Lq, tokens of the block)
+            starts = (off[a:b][has] - off[a]).astype(np.int64)
+            per_row[:, has] = np.maximum.reduceat(sim, starts, axis=1)  # max per passage
+        lens = np.array([len(x) for x in queries])
+        qstarts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+        return np.add.reduceat(per_row, qstarts, axis=0) / np.maximum(lens, 1)[:, None]
+
+    def search(
+        self, queries: list[np.ndarray], k: int, nprobe: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Brute-force exact MaxSim top ``k`` over every row."""
+        k = min(k, len(self.ids))
+        out_s = np.full((len(queries), k), -np.inf, np.float32)
+        out_r = np.full((len(queries), k), -1, np.int64)
+        for qi in range(0, len(queries), QUERY_BLOCK):
+            qs = [np.asarray(x, np.float32) for x in queries[qi : qi + QUERY_BLOCK]]
+            best_s = np.full((len(qs), 0), -np.inf, np.float32)
+            best_r = np.zeros((len(qs), 0), np.int64)
+            for s, off in enumerate(self.offsets):
+                n = len(off) - 1
+                a = 0
+                while a < n:
+                    b = int(np.searchsorted(off, off[a] + TOKEN_BLOCK, side="right")) - 1
+                    b = min(max(b, a + 1), n)
+                    sc = self._block_scores(qs, s, a, b)
+                    rows = np.arange(self.starts[s] + a, self.starts[s] + b)
+                    cs = np.concatenate([best_s, sc], 1)
+                    cr = np.concatenate([best_r, np.broadcast_to(rows, sc.shape)], 1)
+                    order = np.lexsort((cr, -cs), axis=1)[:, :k]
+                    best_s, best_r = (
+                        np.take_along_axis(cs, order, 1),
+                        np.take_along_axis(cr, order, 1),
+                    )
+                    a = b
+            out_s[qi : qi + len(qs), : best_s.shape[1]] = best_s
+            out_r[qi : qi + len(qs), : best_r.shape[1]] = best_r
+        return out_s, out_r
+
+    def sweep_points(self, candidates: list[int]) -> list[int]:
+        return []
+
+
+class MultiVectorRepresentation(Representation):
+    name: ClassVar[str] = "multivector"
+
+    def collect(self, output: Any, dtype: str) -> list[np.ndarray]:
+        return batch_vectors(output)
+
+    def combine(self, parts: list[Any]) -> list[np.ndarray]:
+        return [row for part in parts for row in part]
+
+    def to_columns(self, parts: list[Any], dtype: str) -> dict[str, pa.Array]:
+        rows = self.combine(parts)
+        dim = int(rows[0].shape[1]) if rows else 0
+        offsets = pa.array(np.cumsum([0] + [len(v) for v in rows]), pa.int64())
+        flat = np.concatenate(rows).astype(np.float16) if rows else np.zeros((0, dim), np.float16)
+        vecs = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), dim)
+        return {COLUMN: pa.LargeListArray.from_arrays(offsets, vecs)}
+
+    def build_index(
+        self,
+        emb_dir: str | Path | Location,
+        out_dir: str | Path | Location,
+        icfg: Any,
+        tune_queries: Any = None,
+    ) -> dict[str, Any]:
+        """One token matrix per shard, each in its own Ray task."""
+        import ray
+
+        from raysys.console import Progress
+        from raysys.runtime import ensure_ray, surface_user_errors
+
+        t0 = time.perf_counter()
+        emb_dir, out = resolve(emb_dir), resolve(out_dir)
+        emb = read_manifest(emb_dir)
+        if self.name not in emb.get("representations", []):
+            raise ValueError(f"{emb_dir}: the embeddings hold no {self.name} representation")
+        shards = emb["shards"]
+        ensure_ray()
+        task = ray.remote(num_cpus=1, resources=icfg.resources or None)(_shard_store)
+        files = [f"tokens-{i:05d}.npz" for i in range(len(shards))]
+        refs = [
+            task.remote(emb_dir.portable, s["name"], out.join(f).portable)
+            for s, f in zip(shards, files, strict=True)
+        ]
+        bar = Progress("multi-vector store", len(refs), "shards")
+        results = []
+        with surface_user_errors():
+            for r in refs:
+                results.append(ray.get(r))
+                bar.update(1)
+        bar.close()
+        ids = (
+            pa.concat_arrays([r["ids"] for r in results]) if results else pa.array([], pa.string())
+        )
+        out.join(IDS_FILE).write_parquet(pa.table({"id": ids}))
+        n, tokens = len(ids), sum(r["tokens"] for r in results)
+        dim = int(emb.get("multivector_dim") or 0)
+        manifest = {
+            "representation": self.name,
+            "contract": emb["contract"],
+            "factory": "token store (exact MaxSim)",
+            "count": n,
+            "dim": dim,
+            "tokens": tokens,
+            "tokens_per_passage": round(tokens / max(n, 1), 2),
+            "bytes_per_passage": round(tokens * dim * 2 / max(n, 1), 1),
+            "parts": [
+                {"file": f, "rows": len(r["ids"]), "tokens": r["tokens"]}
+                for f, r in zip(files, results, strict=True)
+            ],
+            "embeddings": emb_dir.portable,
+            "corpus": emb["corpus"],
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        write_manifest(out, manifest)
+        return manifest
+
+    def open_index(self, index_dir: str | Path | Location) -> MultiVectorIndex:
+        return MultiVectorIndex(index_dir)
+
+    def score(self, query: np.ndarray, passages: list[np.ndarray]) -> np.ndarray:
+        return maxsim_np(query, passages)

@@ -161,7 +161,9 @@ def search_stage(
     res.run = res.at_nprobe(s.nprobe)
     nprobe = s.nprobe or searcher.manifest.get("nprobe") or 0
     bar.close(
-        f"search ({searcher.mode}): {len(qids):,} queries, top {k}"
+        "search: "
+        + (f"{searcher.mode} mode, " if searcher.mode != "dense" else "")
+        + f"{len(qids):,} queries, top {k}"
         + (f", nprobe {nprobe}" if nprobe and searcher.mode in ("dense", "hybrid") else "")
         + f", in {duration(bar.elapsed)}"
     )

@@ -7,7 +7,7 @@ bash scripts/bootstrap.sh || exit 1
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 RAY_DEDUP_LOGS=1
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/raysys/torch_extensions}"
 .venv/bin/ruff check raysys tests benchmarks || exit 1
-.venv/bin/python -m pytest -ra "$@"
+.venv/bin/python -m pytest -ra --durations=25 "$@"
 rc=$?
 # pytest exits 5 when nothing was collected: that is a failure here too.
 if [ "$rc" -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi

@@ -29,3 +29,34 @@ def test_head_lr_gives_the_score_head_its_own_scheduled_rate():
     # Without head_lr the head trains at train.optim.lr with the body.
     t0 = load_config(None, ["train.optim.lr=1e-4"]).train
     assert [len(g["params"]) for g in param_groups(Toy(), t0.optim, ("head.",))] == [2, 2, 0]
+
+
+def test_cpu_comm_set_up_builds_no_op_and_ignores_a_stale_build_lock(tmp_path):
+    """A build killed half-way leaves ``<ext>/lock`` behind; DeepSpeed's own
+    set-up then waits on it forever. raysys's CPU set-up builds no op, so it
+    neither waits on the lock nor writes anything under TORCH_EXTENSIONS_DIR."""
+    import os
+    import subprocess
+    import sys
+
+    ext = tmp_path / "ext"
+    (ext / "deepspeed_shm_comm").mkdir(parents=True)
+    (ext / "deepspeed_shm_comm" / "lock").touch()
+    code = (
+        "import torch\n"
+        "from raysys.train.inprocess import init_single_process\n"
+        "from raysys.train.engine import init_deepspeed_comm\n"
+        "init_single_process(torch.device('cpu'))\n"
+        "init_deepspeed_comm(False)\n"
+        "import deepspeed.comm as dist\n"
+        "t = torch.ones(2); dist.all_reduce(t)\n"
+        "assert dist.get_world_size() == 1 and t.tolist() == [1.0, 1.0]\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "DS_ACCELERATOR": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
+    assert sorted(p.name for p in ext.rglob("*")) == ["deepspeed_shm_comm", "lock"]

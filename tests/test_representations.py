@@ -165,6 +165,8 @@ def test_multivector_store_topk_equals_brute_force(ray_local, tmp_path, monkeypa
         tokens * 16 / 150, 0.01
     )
     index = rep.open_index(tmp_path / "mv")
+    # Token matrices are memory-mapped, not read into memory whole.
+    assert len(index.tokens) == 3 and all(isinstance(t, np.memmap) for t in index.tokens)
     queries = [q.astype(np.float32) for q in _random_vectors(rng, 9)]
     scores, rows = index.search(queries, 7)
     for q, srow, rrow in zip(queries, scores, rows, strict=True):

@@ -80,22 +80,31 @@ def maxsim_np(query: np.ndarray, passages: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _shard_store(emb_dir: str, shard: str, part: str) -> dict[str, Any]:
-    """Ray task: one shard's token vectors as one float16 matrix + offsets."""
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _shard_store(emb_dir: str, shard: str, out_dir: str, stem: str) -> dict[str, Any]:
+    """Ray task: one shard's token vectors as a float16 matrix
+    (``<stem>.tokens.npy``) and its row offsets (``<stem>.offsets.npy``),
+    plain ``.npy`` files so that search memory-maps them."""
     t = resolve(emb_dir).join(shard).read_parquet(columns=["id", COLUMN])
     col = t.column(COLUMN).combine_chunks()
     offsets = col.offsets.to_numpy().astype(np.int64)
     vecs = col.flatten()
     dim = vecs.type.list_size
     tokens = vecs.flatten().to_numpy(zero_copy_only=False).astype(np.float16).reshape(-1, dim)
-    buf = io.BytesIO()
-    np.savez(buf, tokens=tokens, offsets=offsets)
-    resolve(part).write_bytes(buf.getvalue())
+    out = resolve(out_dir)
+    out.join(f"{stem}.tokens.npy").write_bytes(_npy_bytes(tokens))
+    out.join(f"{stem}.offsets.npy").write_bytes(_npy_bytes(offsets))
     return {"ids": pa.array(t.column("id").to_pylist(), pa.string()), "tokens": len(tokens)}
 
 
 class MultiVectorIndex:
-    """A loaded token store: per shard a token matrix and row offsets."""
+    """An opened token store: per shard a token matrix, memory-mapped (only
+    the blocks being scored are read into memory), and its row offsets."""
 
     def __init__(self, index_dir: str | Path | Location) -> None:
         self.manifest = read_manifest(index_dir)
@@ -106,11 +115,10 @@ class MultiVectorIndex:
         self.starts: list[int] = []
         row = 0
         for part in self.manifest["parts"]:
-            z = np.load(d / part["file"])
-            self.tokens.append(z["tokens"])
-            self.offsets.append(z["offsets"])
+            self.tokens.append(np.load(d / f"{part['stem']}.tokens.npy", mmap_mode="r"))
+            self.offsets.append(np.load(d / f"{part['stem']}.offsets.npy"))
             self.starts.append(row)
-            row += len(z["offsets"]) - 1
+            row += len(self.offsets[-1]) - 1
 
     def _locate(self, row: int) -> tuple[int, int]:
         s = int(np.searchsorted(self.starts, row, side="right")) - 1
@@ -119,7 +127,7 @@ class MultiVectorIndex:
     def row_vectors(self, row: int) -> np.ndarray:
         s, r = self._locate(row)
         off = self.offsets[s]
-        return self.tokens[s][off[r] : off[r + 1]]
+        return np.asarray(self.tokens[s][off[r] : off[r + 1]])
 
     def score_rows(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Exact MaxSim of one query against the given rows."""
@@ -213,10 +221,10 @@ class MultiVectorRepresentation(Representation):
         shards = emb["shards"]
         ensure_ray()
         task = ray.remote(num_cpus=1, resources=icfg.resources or None)(_shard_store)
-        files = [f"tokens-{i:05d}.npz" for i in range(len(shards))]
+        stems = [f"part-{i:05d}" for i in range(len(shards))]
         refs = [
-            task.remote(emb_dir.portable, s["name"], out.join(f).portable)
-            for s, f in zip(shards, files, strict=True)
+            task.remote(emb_dir.portable, s["name"], out.portable, stem)
+            for s, stem in zip(shards, stems, strict=True)
         ]
         bar = Progress("multi-vector store", len(refs), "shards")
         results = []
@@ -241,8 +249,8 @@ class MultiVectorRepresentation(Representation):
             "tokens_per_passage": round(tokens / max(n, 1), 2),
             "bytes_per_passage": round(tokens * dim * 2 / max(n, 1), 1),
             "parts": [
-                {"file": f, "rows": len(r["ids"]), "tokens": r["tokens"]}
-                for f, r in zip(files, results, strict=True)
+                {"stem": stem, "rows": len(r["ids"]), "tokens": r["tokens"]}
+                for stem, r in zip(stems, results, strict=True)
             ],
             "embeddings": emb_dir.portable,
             "corpus": emb["corpus"],

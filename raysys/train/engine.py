@@ -20,6 +20,28 @@ def setup_accelerator_env(use_gpu: bool) -> None:
     )
 
 
+def init_deepspeed_comm(use_gpu: bool) -> None:
+    """Set the accelerator env, then let DeepSpeed adopt the process group
+    already set up (Ray Train's, or a single-process one).
+
+    On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory
+    all-reduce op (``deepspeed_shm_comm``) that only ``inference_all_reduce``
+    uses, which raysys never calls. The build needs a C++ toolchain, takes
+    about a minute per new environment, and a build killed half-way leaves a
+    lock file in ``TORCH_EXTENSIONS_DIR`` on which every later run waits
+    forever. So the op is not built on CPU.
+    """
+    setup_accelerator_env(use_gpu)
+    import importlib
+
+    import deepspeed  # after the accelerator env is set
+
+    if not use_gpu:
+        # By module name: the attribute ``deepspeed.comm.torch`` is torch itself.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed()
+
+
 def deepspeed_config(train: Any, world_size: int, lora: bool = False) -> dict[str, Any]:
     """Build the DeepSpeed config dict from a :class:`raysys.config.TrainConfig`
     (``lora``: the task trains LoRA adapters)."""

@@ -24,7 +24,7 @@ import torch
 
 from raysys.config import Config
 from raysys.models.backbone import load_tokenizer
-from raysys.train.engine import build_engine, setup_accelerator_env
+from raysys.train.engine import build_engine, init_deepspeed_comm, setup_accelerator_env
 from raysys.train.loop import (
     gather_full_state_dict,
     optimizer_step,
@@ -88,10 +88,8 @@ def train_steps(
 
     t = cfg.train
     setup_accelerator_env(device.type == "cuda")
-    import deepspeed
-
     init_single_process(device)
-    deepspeed.init_distributed()
+    init_deepspeed_comm(device.type == "cuda")
     rank, world = dist.get_rank(), dist.get_world_size()
     task = get_task(t.task)(cfg)
     data = task.load_data()

@@ -31,7 +31,7 @@ from torch import nn
 from raysys.config import Config, config_from_dict
 from raysys.models.backbone import load_tokenizer
 from raysys.runtime import check_worker_device
-from raysys.train.engine import build_engine, setup_accelerator_env
+from raysys.train.engine import build_engine, init_deepspeed_comm
 from raysys.train.steps import make_step
 from raysys.train.tasks import get_task
 from raysys.train.tasks.base import Task
@@ -165,11 +165,8 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
 
     cfg: Config = config_from_dict(config["cfg"])
     t = cfg.train
-    setup_accelerator_env(t.scaling.use_gpu)
-    import deepspeed  # after the accelerator env is set
-
     # Reuse the process group Ray Train set up (gloo on CPU, nccl on GPU).
-    deepspeed.init_distributed()
+    init_deepspeed_comm(t.scaling.use_gpu)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(t.scaling.cpus_per_worker)))

@@ -20,6 +20,7 @@ dict keyed by name); embedding manifests and index manifests record them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -76,6 +77,40 @@ class Representation(ABC):
     @abstractmethod
     def score(self, query: Any, passages: Any) -> np.ndarray:
         """Exact scores of one query's representation against passages'."""
+
+    def map_shards(
+        self,
+        emb_dir: Location,
+        icfg: Any,
+        fn: Callable[..., Any],
+        args: Callable[[int], tuple[Any, ...]],
+        label: str,
+    ) -> tuple[dict[str, Any], list[Any]]:
+        """Run ``fn(emb_dir, shard_name, *args(i))`` for every embedding shard
+        ``i`` as a Ray task (``index.resources`` apply); returns the embedding
+        manifest and the results in shard order."""
+        import ray
+
+        from raysys.console import Progress
+        from raysys.index.manifest import read_manifest
+        from raysys.runtime import ensure_ray, surface_user_errors
+
+        emb = read_manifest(emb_dir)
+        if self.name not in emb.get("representations", []):
+            raise ValueError(f"{emb_dir}: the embeddings hold no {self.name} representation")
+        ensure_ray()
+        task = ray.remote(num_cpus=1, resources=icfg.resources or None)(fn)
+        refs = [
+            task.remote(emb_dir.portable, s["name"], *args(i)) for i, s in enumerate(emb["shards"])
+        ]
+        bar = Progress(label, len(refs), "shards")
+        results = []
+        with surface_user_errors():
+            for r in refs:
+                results.append(ray.get(r))
+                bar.update(1)
+        bar.close()
+        return emb, results
 
     def query_output(self, outputs: dict[str, Any]) -> Any:
         """This representation's part of a model's ``represent`` output."""

@@ -208,31 +208,15 @@ class MultiVectorRepresentation(Representation):
         tune_queries: Any = None,
     ) -> dict[str, Any]:
         """One token matrix per shard, each in its own Ray task."""
-        import ray
-
-        from raysys.console import Progress
-        from raysys.runtime import ensure_ray, surface_user_errors
-
         t0 = time.perf_counter()
         emb_dir, out = resolve(emb_dir), resolve(out_dir)
-        emb = read_manifest(emb_dir)
-        if self.name not in emb.get("representations", []):
-            raise ValueError(f"{emb_dir}: the embeddings hold no {self.name} representation")
-        shards = emb["shards"]
-        ensure_ray()
-        task = ray.remote(num_cpus=1, resources=icfg.resources or None)(_shard_store)
-        stems = [f"part-{i:05d}" for i in range(len(shards))]
-        refs = [
-            task.remote(emb_dir.portable, s["name"], out.portable, stem)
-            for s, stem in zip(shards, stems, strict=True)
-        ]
-        bar = Progress("multi-vector store", len(refs), "shards")
-        results = []
-        with surface_user_errors():
-            for r in refs:
-                results.append(ray.get(r))
-                bar.update(1)
-        bar.close()
+        stems: list[str] = []
+
+        def args(i: int) -> tuple[str, str]:
+            stems.append(f"part-{i:05d}")
+            return out.portable, stems[-1]
+
+        emb, results = self.map_shards(emb_dir, icfg, _shard_store, args, "multi-vector store")
         ids = (
             pa.concat_arrays([r["ids"] for r in results]) if results else pa.array([], pa.string())
         )

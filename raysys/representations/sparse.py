@@ -201,34 +201,20 @@ class SparseRepresentation(Representation):
         tune_queries: Any = None,
     ) -> dict[str, Any]:
         """Parts shard by shard in Ray tasks, stacked in shard order."""
-        import ray
         from scipy import sparse
-
-        from raysys.console import Progress
-        from raysys.runtime import ensure_ray, surface_user_errors
 
         t0 = time.perf_counter()
         emb_dir, out = resolve(emb_dir), resolve(out_dir)
-        emb = read_manifest(emb_dir)
-        if self.name not in emb.get("representations", []):
-            raise ValueError(f"{emb_dir}: the embeddings hold no {self.name} representation")
-        vocab = int(emb["vocab_size"])
-        shards = emb["shards"]
-        ensure_ray()
+        vocab = int(read_manifest(emb_dir).get("vocab_size") or 0)
         parts = out.join(PARTS_DIR)
-        task = ray.remote(num_cpus=1, resources=icfg.resources or None)(_shard_part)
-        names = [parts.join(f"{i:05d}.npz") for i in range(len(shards))]
-        refs = [
-            task.remote(emb_dir.portable, s["name"], p.portable, vocab)
-            for s, p in zip(shards, names, strict=True)
-        ]
-        bar = Progress("sparse index", len(refs), "shards")
-        results = []
-        with surface_user_errors():
-            for r in refs:  # in shard order: rows are global row numbers
-                results.append(ray.get(r))
-                bar.update(1)
-        bar.close()
+        names: list[Location] = []
+
+        def args(i: int) -> tuple[str, int]:
+            names.append(parts.join(f"{i:05d}.npz"))
+            return names[-1].portable, vocab
+
+        emb, results = self.map_shards(emb_dir, icfg, _shard_part, args, "sparse index")
+        shards = emb["shards"]
         mats = [sparse.load_npz(io.BytesIO(p.read_bytes())) for p in names]
         docs = sparse.vstack(mats, format="csr") if mats else terms_matrix([], vocab)
         postings = docs.T.tocsr()  # (V, N): one row of (passage, weight) per term

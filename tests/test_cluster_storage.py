@@ -24,7 +24,9 @@ def two_nodes(aws_env):
 
     was_up = ray.is_initialized()
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # No dashboard: its fixed port may belong to another Ray on this machine.
+    head = {"num_cpus": 0, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     worker = cluster.add_node(num_cpus=4)
     ray.init(address=cluster.address, log_to_driver=False)
     try:

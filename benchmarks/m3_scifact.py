@@ -1,0 +1,176 @@
+"""BGE-M3 and reranker distillation on SciFact (#18), on this 2-core CPU.
+
+Steps (each skipped when its output exists, so a cut run resumes):
+
+* ``m3``: ``raysys pipeline jobs/scifact_m3.yaml`` (mine with the untrained
+  MiniLM, train the m3 task, encode every head, index, search in every mode);
+* ``ablation``: the same training without self-distillation, on the same
+  mined groups;
+* ``evalonly``: the m3 export with ``train.enabled=false`` on BEIR folders
+  (SciFact again, which must give the same metrics, and the offline demo
+  set);
+* ``reranker``: the SciFact cross-encoder (``jobs/scifact_rerank.yaml``) on
+  the untrained model's ranks 0-99;
+* ``teacher``: the reranker scores the m3 run's mined groups, cut to the
+  first ``--teacher-negatives`` negatives of each;
+* ``distill``: the plain retriever (``jobs/scifact.yaml``, exact search)
+  trained on those scored groups with and without
+  ``train.loss.distill_weight``.
+
+Every run records minutes and its metrics into
+``benchmarks/results/m3_scifact.json``.
+
+    .venv/bin/python benchmarks/m3_scifact.py --work runs/m3bench [--steps m3,ablation,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results" / "m3_scifact.json"
+STEPS = ("m3", "ablation", "evalonly", "reranker", "teacher", "distill")
+NO_MINE = "stages=[train,encode,index,search,evaluate]"
+
+
+def raysys(args: list[str], log: Path) -> float:
+    """Run the raysys CLI, its console into ``log``; returns minutes."""
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        subprocess.run(
+            [sys.executable, "-m", "raysys.cli", *args], check=True, cwd=ROOT, stdout=f, stderr=f
+        )
+    return (time.perf_counter() - t0) / 60
+
+
+def train_summary(train_dir: Path) -> dict:
+    """Steps, examples and first/last loss of a training run."""
+    s = json.loads((train_dir / "train_summary.json").read_text())
+    h = s["history"]
+    return {
+        "steps": len(h),
+        "examples": sum(x.get("examples", 0) for x in h),
+        "first_loss": h[0]["loss"] if h else None,
+        "final_loss": h[-1]["loss"] if h else None,
+    }
+
+
+def cut_groups(src: Path, dst: Path, negatives: int) -> int:
+    """Each group with its first ``negatives`` negatives; returns the pairs to score."""
+    pairs = 0
+    with dst.open("w") as f:
+        for line in src.read_text().splitlines():
+            if not line.strip():
+                continue
+            g = json.loads(line)
+            g["negatives"] = g["negatives"][:negatives]
+            pairs += len(g["positives"]) + len(g["negatives"])
+            f.write(json.dumps(g) + "\n")
+    return pairs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
+    ap.add_argument("--work", default=str(ROOT / "runs" / "m3bench"))
+    ap.add_argument("--steps", default=",".join(STEPS))
+    ap.add_argument("--teacher-negatives", type=int, default=15)
+    ap.add_argument("--distill-weight", type=float, default=1.0)
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args()
+    work, data, steps = Path(args.work), Path(args.data), args.steps.split(",")
+    work.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results)
+    res = json.loads(results.read_text()) if results.is_file() else {}
+    m3_job = str(ROOT / "jobs" / "scifact_m3.yaml")
+
+    def save() -> None:
+        res["settings"] = {k: v for k, v in vars(args).items() if k not in ("data", "work")}
+        results.write_text(json.dumps(res, indent=2) + "\n")
+
+    def pipeline(name: str, job: str, overrides: list[str], trained: bool = True) -> None:
+        out = work / name
+        if (out / "metrics.json").is_file():
+            return
+        minutes = raysys(["pipeline", job, *overrides, "--out", str(out)], work / f"{name}.log")
+        row: dict = {"minutes": minutes, "metrics": json.loads((out / "metrics.json").read_text())}
+        by_mode = out / "metrics_by_mode.json"
+        if by_mode.is_file():
+            row["metrics_by_mode"] = json.loads(by_mode.read_text())
+        if trained:
+            row["train"] = train_summary(out / "train")
+        res[name] = row
+        save()
+
+    groups = work / "m3" / "mine" / "groups.jsonl"
+    if "m3" in steps:
+        pipeline("m3", m3_job, [f"data={data}"])
+    if "ablation" in steps:
+        pipeline(
+            "m3-no-self-distill",
+            m3_job,
+            [f"data={data}", NO_MINE, f"data.groups={groups}", "train.m3.self_distill=false"],
+        )
+    if "evalonly" in steps:
+        demo = work / "demo-beir"
+        if not (demo / "corpus.jsonl").is_file():
+            raysys(["demo-data", str(demo)], work / "demo-data.log")
+        export = work / "m3" / "train" / "model"
+        for name, folder in (("evalonly-scifact", data), ("evalonly-demo", demo)):
+            pipeline(
+                name,
+                m3_job,
+                [f"model={export}", "train.enabled=false", f"data={folder}"],
+                trained=False,
+            )
+
+    base_groups = work / "base_0_100.jsonl"
+    reranker = work / "reranker" / "model"
+    rerank_job = str(ROOT / "jobs" / "scifact_rerank.yaml")
+    if "reranker" in steps and not reranker.is_dir():
+        if not base_groups.is_file():
+            res["mine_0_100"] = {
+                "minutes": raysys(
+                    ["mine", str(ROOT / "jobs" / "scifact.yaml"), f"data={data}"]
+                    + ["--ranks", "0:100", "--n", "30", "--out", str(base_groups)],
+                    work / "mine_0_100.log",
+                )
+            }
+        minutes = raysys(
+            ["train", rerank_job, f"data={data}", f"data.groups={base_groups}"]
+            + ["--out", str(work / "reranker")],
+            work / "reranker.log",
+        )
+        res["reranker"] = {"minutes": minutes, **train_summary(work / "reranker")}
+        save()
+
+    scored = work / "teacher.jsonl"
+    if "teacher" in steps and not scored.is_file():
+        cut = work / f"groups_{args.teacher_negatives}neg.jsonl"
+        pairs = cut_groups(groups, cut, args.teacher_negatives)
+        minutes = raysys(
+            ["teacher", rerank_job, f"data={data}", "--reranker", str(reranker)]
+            + ["--groups", str(cut), "--out", str(scored)],
+            work / "teacher.log",
+        )
+        res["teacher"] = {"minutes": minutes, "pairs": pairs}
+        save()
+
+    if "distill" in steps:
+        base = [f"data={data}", "index.factory=Flat", f"data.groups={scored}"]
+        pipeline("retrieve-no-distill", str(ROOT / "jobs" / "scifact.yaml"), base)
+        pipeline(
+            "retrieve-distill",
+            str(ROOT / "jobs" / "scifact.yaml"),
+            [*base, f"train.loss.distill_weight={args.distill_weight}"],
+        )
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

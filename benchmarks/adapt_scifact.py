@@ -215,6 +215,11 @@ def main() -> None:
                     f"data.groups={groups}",
                     f"data.corpus={subset / 'corpus.jsonl'}",
                     "train.group_size=4",
+                    # 16 queries a step; 4 at a time per worker (8 at once
+                    # peaked past 10 GB a worker). Without in-batch negatives
+                    # the accumulated step equals the 8-query one.
+                    "train.per_device_queries=4",
+                    "train.grad_accum=2",
                     f"data.max_queries={args.ft_queries}",
                     "train.loss.in_batch_negatives=false",
                     "train.loss.temperature=0.02",

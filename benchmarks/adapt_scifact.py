@@ -26,12 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _runs import ROOT, run_raysys, train_summary
+
 RESULTS = Path(__file__).parent / "results" / "adapt_scifact.json"
 STEPS = ("subset", "adapt", "zeroshot", "mine", "finetune", "eval")
 
@@ -41,16 +39,6 @@ CONTRACTS = {
     "mntp": ["contract.pooling=mean", "contract.bidirectional=true"],
 }
 COMMON = ["contract.query_max_len=64", "train.scaling.num_workers=2"]
-
-
-def raysys(args: list[str], log: Path) -> float:
-    """Run the raysys CLI; returns minutes."""
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        subprocess.run(
-            [sys.executable, "-m", "raysys.cli", *args], check=True, cwd=ROOT, stdout=f, stderr=f
-        )
-    return (time.perf_counter() - t0) / 60
 
 
 def make_subset(src: Path, dst: Path, n: int, seed: int) -> dict:
@@ -70,18 +58,6 @@ def make_subset(src: Path, dst: Path, n: int, seed: int) -> dict:
     for split in ("train", "test"):
         (dst / "qrels" / f"{split}.tsv").write_text((src / "qrels" / f"{split}.tsv").read_text())
     return {"passages": len(keep), "judged": len(judged & {r["_id"] for r in keep})}
-
-
-def summary_of(train_dir: Path) -> dict:
-    s = json.loads((train_dir / "train_summary.json").read_text())
-    h = s["history"]
-    return {
-        "steps": len(h),
-        "tokens": sum(x.get("tokens", 0) for x in h),
-        "examples": sum(x.get("examples", 0) for x in h),
-        "first_loss": h[0]["loss"] if h else None,
-        "final_loss": h[-1]["loss"] if h else None,
-    }
 
 
 def main() -> None:
@@ -122,7 +98,7 @@ def main() -> None:
         out = work / f"adapt-{name}"
         models[name] = str(out / "model")
         if "adapt" in steps and not (out / "model").is_dir():
-            minutes = raysys(
+            minutes = run_raysys(
                 [
                     "train",
                     adapt_cfg,
@@ -139,14 +115,14 @@ def main() -> None:
                 ],
                 work / f"adapt-{name}.log",
             )
-            res.setdefault("adapt", {})[name] = {"minutes": minutes, **summary_of(out)}
+            res.setdefault("adapt", {})[name] = {"minutes": minutes, **train_summary(out)}
             save()
 
     def evaluate(name: str, model: str, tag: str, contract: list[str]) -> None:
         out = work / f"{tag}-{name}"
         if (out / "metrics.json").is_file():
             return
-        minutes = raysys(
+        minutes = run_raysys(
             [
                 "pipeline",
                 "-",
@@ -170,7 +146,7 @@ def main() -> None:
             evaluate(name, model, "zeroshot", CONTRACTS[name])
     groups = work / "mined.jsonl"
     if "mine" in steps and not groups.is_file():
-        minutes = raysys(
+        minutes = run_raysys(
             [
                 "mine",
                 str(ROOT / "jobs" / "scifact.yaml"),
@@ -206,7 +182,7 @@ def main() -> None:
     for name, model in models.items():
         out = work / f"ft-{name}"
         if "finetune" in steps and not (out / "model").is_dir():
-            minutes = raysys(
+            minutes = run_raysys(
                 [
                     "train",
                     adapt_cfg,
@@ -233,7 +209,7 @@ def main() -> None:
                 ],
                 work / f"ft-{name}.log",
             )
-            res.setdefault("finetune", {})[name] = {"minutes": minutes, **summary_of(out)}
+            res.setdefault("finetune", {})[name] = {"minutes": minutes, **train_summary(out)}
             save()
         if "eval" in steps and (out / "model").is_dir():
             evaluate(name, str(out / "model"), "finetuned", ft_contract[name])

@@ -27,37 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _runs import ROOT, run_raysys, train_summary
+
 RESULTS = Path(__file__).parent / "results" / "m3_scifact.json"
 STEPS = ("m3", "ablation", "evalonly", "reranker", "teacher", "distill")
 NO_MINE = "stages=[train,encode,index,search,evaluate]"
-
-
-def raysys(args: list[str], log: Path) -> float:
-    """Run the raysys CLI, its console into ``log``; returns minutes."""
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        subprocess.run(
-            [sys.executable, "-m", "raysys.cli", *args], check=True, cwd=ROOT, stdout=f, stderr=f
-        )
-    return (time.perf_counter() - t0) / 60
-
-
-def train_summary(train_dir: Path) -> dict:
-    """Steps, examples and first/last loss of a training run."""
-    s = json.loads((train_dir / "train_summary.json").read_text())
-    h = s["history"]
-    return {
-        "steps": len(h),
-        "examples": sum(x.get("examples", 0) for x in h),
-        "first_loss": h[0]["loss"] if h else None,
-        "final_loss": h[-1]["loss"] if h else None,
-    }
 
 
 def cut_groups(src: Path, dst: Path, negatives: int) -> int:
@@ -97,7 +73,7 @@ def main() -> None:
         out = work / name
         if (out / "metrics.json").is_file():
             return
-        minutes = raysys(["pipeline", job, *overrides, "--out", str(out)], work / f"{name}.log")
+        minutes = run_raysys(["pipeline", job, *overrides, "--out", str(out)], work / f"{name}.log")
         row: dict = {"minutes": minutes, "metrics": json.loads((out / "metrics.json").read_text())}
         by_mode = out / "metrics_by_mode.json"
         if by_mode.is_file():
@@ -119,7 +95,7 @@ def main() -> None:
     if "evalonly" in steps:
         demo = work / "demo-beir"
         if not (demo / "corpus.jsonl").is_file():
-            raysys(["demo-data", str(demo)], work / "demo-data.log")
+            run_raysys(["demo-data", str(demo)], work / "demo-data.log")
         export = work / "m3" / "train" / "model"
         for name, folder in (("evalonly-scifact", data), ("evalonly-demo", demo)):
             pipeline(
@@ -135,13 +111,13 @@ def main() -> None:
     if "reranker" in steps and not reranker.is_dir():
         if not base_groups.is_file():
             res["mine_0_100"] = {
-                "minutes": raysys(
+                "minutes": run_raysys(
                     ["mine", str(ROOT / "jobs" / "scifact.yaml"), f"data={data}"]
                     + ["--ranks", "0:100", "--n", "30", "--out", str(base_groups)],
                     work / "mine_0_100.log",
                 )
             }
-        minutes = raysys(
+        minutes = run_raysys(
             ["train", rerank_job, f"data={data}", f"data.groups={base_groups}"]
             + ["--out", str(work / "reranker")],
             work / "reranker.log",
@@ -153,7 +129,7 @@ def main() -> None:
     if "teacher" in steps and not scored.is_file():
         cut = work / f"groups_{args.teacher_negatives}neg.jsonl"
         pairs = cut_groups(groups, cut, args.teacher_negatives)
-        minutes = raysys(
+        minutes = run_raysys(
             ["teacher", rerank_job, f"data={data}", "--reranker", str(reranker)]
             + ["--groups", str(cut), "--out", str(scored)],
             work / "teacher.log",

@@ -78,26 +78,33 @@ class Representation(ABC):
     def score(self, query: Any, passages: Any) -> np.ndarray:
         """Exact scores of one query's representation against passages'."""
 
-    def map_shards(
-        self,
-        emb_dir: Location,
-        icfg: Any,
-        fn: Callable[..., Any],
-        args: Callable[[int], tuple[Any, ...]],
-        label: str,
-    ) -> tuple[dict[str, Any], list[Any]]:
-        """Run ``fn(emb_dir, shard_name, *args(i))`` for every embedding shard
-        ``i`` as a Ray task (``index.resources`` apply); returns the embedding
-        manifest and the results in shard order."""
-        import ray
-
-        from raysys.console import Progress
+    def embedding_manifest(self, emb_dir: Location) -> dict[str, Any]:
+        """The embedding shards' manifest, refused unless they hold this
+        representation."""
         from raysys.index.manifest import read_manifest
-        from raysys.runtime import ensure_ray, surface_user_errors
 
         emb = read_manifest(emb_dir)
         if self.name not in emb.get("representations", []):
             raise ValueError(f"{emb_dir}: the embeddings hold no {self.name} representation")
+        return emb
+
+    def map_shards(
+        self,
+        emb_dir: Location,
+        emb: dict[str, Any],
+        icfg: Any,
+        fn: Callable[..., Any],
+        args: Callable[[int], tuple[Any, ...]],
+        label: str,
+    ) -> list[Any]:
+        """Run ``fn(emb_dir, shard_name, *args(i))`` for every shard ``i`` of
+        the embedding manifest ``emb`` as a Ray task (``index.resources``
+        apply); returns the results in shard order."""
+        import ray
+
+        from raysys.console import Progress
+        from raysys.runtime import ensure_ray, surface_user_errors
+
         ensure_ray()
         task = ray.remote(num_cpus=1, resources=icfg.resources or None)(fn)
         refs = [
@@ -110,7 +117,7 @@ class Representation(ABC):
                 results.append(ray.get(r))
                 bar.update(1)
         bar.close()
-        return emb, results
+        return results
 
     def query_output(self, outputs: dict[str, Any]) -> Any:
         """This representation's part of a model's ``represent`` output."""

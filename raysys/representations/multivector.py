@@ -210,13 +210,16 @@ class MultiVectorRepresentation(Representation):
         """One token matrix per shard, each in its own Ray task."""
         t0 = time.perf_counter()
         emb_dir, out = resolve(emb_dir), resolve(out_dir)
-        stems: list[str] = []
-
-        def args(i: int) -> tuple[str, str]:
-            stems.append(f"part-{i:05d}")
-            return out.portable, stems[-1]
-
-        emb, results = self.map_shards(emb_dir, icfg, _shard_store, args, "multi-vector store")
+        emb = self.embedding_manifest(emb_dir)
+        stems = [f"part-{i:05d}" for i in range(len(emb["shards"]))]
+        results = self.map_shards(
+            emb_dir,
+            emb,
+            icfg,
+            _shard_store,
+            lambda i: (out.portable, stems[i]),
+            "multi-vector store",
+        )
         ids = (
             pa.concat_arrays([r["ids"] for r in results]) if results else pa.array([], pa.string())
         )

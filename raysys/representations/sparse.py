@@ -205,16 +205,13 @@ class SparseRepresentation(Representation):
 
         t0 = time.perf_counter()
         emb_dir, out = resolve(emb_dir), resolve(out_dir)
-        vocab = int(read_manifest(emb_dir).get("vocab_size") or 0)
+        emb = self.embedding_manifest(emb_dir)
+        vocab, shards = int(emb["vocab_size"]), emb["shards"]
         parts = out.join(PARTS_DIR)
-        names: list[Location] = []
-
-        def args(i: int) -> tuple[str, int]:
-            names.append(parts.join(f"{i:05d}.npz"))
-            return names[-1].portable, vocab
-
-        emb, results = self.map_shards(emb_dir, icfg, _shard_part, args, "sparse index")
-        shards = emb["shards"]
+        names = [parts.join(f"{i:05d}.npz") for i in range(len(shards))]
+        results = self.map_shards(
+            emb_dir, emb, icfg, _shard_part, lambda i: (names[i].portable, vocab), "sparse index"
+        )
         mats = [sparse.load_npz(io.BytesIO(p.read_bytes())) for p in names]
         docs = sparse.vstack(mats, format="csr") if mats else terms_matrix([], vocab)
         postings = docs.T.tocsr()  # (V, N): one row of (passage, weight) per term

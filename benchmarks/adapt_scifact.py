@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--passages", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", default=",".join(STEPS))
+    ap.add_argument(
+        "--models", default="raw,llara,mntp", help="which of raw,llara,mntp to run (a fresh --work)"
+    )
     ap.add_argument("--adapt-texts", type=int, default=1000, help="texts per pretext run")
     ap.add_argument("--passage-max-len", type=int, default=128)
     ap.add_argument("--ft-queries", type=int, default=400, help="train queries fine-tuned on")
@@ -79,6 +82,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     steps = args.steps.split(",")
+    wanted = set(args.models.split(","))
     res = json.loads(results.read_text()) if results.is_file() else {}
     subset = work / "scifact-subset"
 
@@ -97,6 +101,8 @@ def main() -> None:
     ):
         out = work / f"adapt-{name}"
         models[name] = str(out / "model")
+        if name not in wanted:
+            continue
         if "adapt" in steps and not (out / "model").is_dir():
             minutes = run_raysys(
                 [
@@ -121,6 +127,8 @@ def main() -> None:
     def evaluate(name: str, model: str, tag: str, contract: list[str]) -> None:
         out = work / f"{tag}-{name}"
         if (out / "metrics.json").is_file():
+            return
+        if name not in wanted:
             return
         minutes = run_raysys(
             [
@@ -162,7 +170,8 @@ def main() -> None:
         )
         res["mine"] = {"minutes": minutes, "miner": "all-MiniLM-L6-v2 (exact search)"}
         save()
-    llara_contract = json.loads((Path(models["llara"]) / "raysys_contract.json").read_text())
+    llara_file = Path(models["llara"]) / "raysys_contract.json"
+    llara_contract = json.loads(llara_file.read_text()) if "llara" in wanted else {}
     ft_contract = {
         "raw": CONTRACTS["raw"],
         "mntp": CONTRACTS["mntp"],
@@ -177,10 +186,14 @@ def main() -> None:
                 "last_k",
                 "special_tokens",
             )
-        ],
+        ]
+        if llara_contract
+        else [],
     }
     for name, model in models.items():
         out = work / f"ft-{name}"
+        if name not in wanted:
+            continue
         if "finetune" in steps and not (out / "model").is_dir():
             minutes = run_raysys(
                 [

@@ -689,8 +689,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             key = MOVED[key]
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree)
+    _absolute_paths(cfg)
     _validate(cfg)
     return cfg
+
+
+# Fields naming local inputs. Ray Train workers, Ray Data tasks and actors do
+# not share the driver's working directory, so a relative folder that exists
+# here is made absolute here (aliases, hub ids and URIs are left alone).
+_INPUT_PATHS = (
+    ("model", "path"),
+    ("reranker", "path"),
+    ("data", "path"),
+    ("data", "groups"),
+    ("data", "corpus"),
+    ("train.checkpoint", "resume_from"),
+    ("mine", "index"),
+    ("mine", "reranker"),
+)
+
+
+def _absolute_paths(cfg: Config) -> None:
+    """Make the config's existing relative local paths absolute, in place;
+    ``train.checkpoint.storage_path`` (written, so perhaps not there yet)
+    whenever it is local."""
+    for section, name in _INPUT_PATHS:
+        node: Any = cfg
+        for part in section.split("."):
+            node = getattr(node, part)
+        value = getattr(node, name)
+        if not value or "://" in value:
+            continue
+        local = Path(value).expanduser()
+        if local.exists():
+            setattr(node, name, str(local.resolve()))
+    ck = cfg.train.checkpoint
+    if ck.storage_path and "://" not in ck.storage_path:
+        ck.storage_path = str(Path(ck.storage_path).expanduser().resolve())
 
 
 def _validate(cfg: Config) -> None:

@@ -29,6 +29,32 @@ def test_defaults_and_overrides(tmp_path):
     assert c.pooling == "last" and c.model == "/some/model"
 
 
+def test_existing_relative_paths_become_absolute(tmp_path, monkeypatch):
+    """Workers do not share the driver's cwd: local inputs are made absolute
+    on the driver; aliases, hub ids, URIs and missing paths are left alone."""
+    (tmp_path / "runs" / "m").mkdir(parents=True)
+    (tmp_path / "groups.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        None,
+        [
+            "model=runs/m",
+            "data.groups=groups.jsonl",
+            "data.corpus=./not-there.jsonl",
+            "reranker.path=BAAI/bge-reranker-base",
+            "train.checkpoint.storage_path=ray",
+            "mine.index=s3://bucket/index",
+        ],
+    )
+    assert cfg.model.path == str(tmp_path / "runs" / "m")
+    assert cfg.data.groups == str(tmp_path / "groups.jsonl")
+    assert cfg.data.corpus == "./not-there.jsonl"
+    assert cfg.reranker.path == "BAAI/bge-reranker-base"
+    assert cfg.train.checkpoint.storage_path == str(tmp_path / "ray")
+    assert cfg.mine.index == "s3://bucket/index"
+    assert load_config(None, []).model.path == "all-MiniLM-L6-v2"
+
+
 def test_workers_rebuild_the_same_config():
     cfg = load_config(None, ["train.optim.lr=3e-4", "encode.pool.actors=2", "mine.n=7"])
     assert config_from_dict(to_dict(cfg)) == cfg

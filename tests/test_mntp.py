@@ -4,6 +4,8 @@ labels and loss, and training + export on 2 Ray Train workers."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,12 +104,20 @@ def test_mntp_refuses_a_causal_contract_and_an_unknown_mask_token(tiny_lm_dir, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("stage", "lora"), [(0, False), (3, True)], ids=["zero0", "zero3-lora"])
-def test_mntp_trains_and_exports(ray_local, tiny_lm_dir, toy_data, tmp_path, stage, lora):
+def test_mntp_trains_and_exports(
+    ray_local, tiny_lm_dir, toy_data, tmp_path, stage, lora, monkeypatch
+):
     from raysys.train.launch import run_training
     from tests.helpers import assert_probe_reproduced, short_training
 
     extra = short_training(f"mntp{stage}", stage, lora, tmp_path / "ray")
-    outcome = run_training(_cfg(tiny_lm_dir, toy_data, *extra), tmp_path / "out")
+    model, data = tiny_lm_dir, toy_data
+    if not stage:
+        # Paths relative to the driver's cwd, which Ray Train's workers do not share.
+        monkeypatch.chdir(tiny_lm_dir.parent.parent)
+        model = tiny_lm_dir.relative_to(tiny_lm_dir.parent.parent)
+        data = Path(os.path.relpath(toy_data, tiny_lm_dir.parent.parent))
+    outcome = run_training(_cfg(model, data, *extra), tmp_path / "out")
     assert outcome.finished and len(outcome.history) == 12
     losses = [h["loss"] for h in outcome.history]
     assert sum(losses[-3:]) < sum(losses[:3]), losses

@@ -104,3 +104,49 @@ def test_a_folder_that_is_not_an_output_is_named(verb, tmp_path):
     }[verb]
     (tmp_path / "q.jsonl").write_text('{"_id": "q", "text": "x"}\n')
     _one_error_line(_raysys(*args), str(tmp_path), "manifest.json")
+
+
+@pytest.mark.slow
+def test_a_worker_out_of_memory_is_one_line_with_a_hint(tiny_lm_dir, toy_data, tmp_path):
+    """A real allocation failure in a Ray Train worker (an embedding of 2^36
+    rows built there) ends as one line saying what to lower."""
+    import json
+    import shutil
+
+    model = tmp_path / "huge-vocab"
+    shutil.copytree(tiny_lm_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "vocab_size": 2**36}))
+    proc = _raysys(
+        "train",
+        "-",
+        f"model={model}",
+        "model.random_init=true",
+        f"data.corpus={toy_data / 'corpus.jsonl'}",
+        "train.task=mntp",
+        "contract.bidirectional=true",
+        "contract.pooling=mean",
+        "train.mntp.mask_token=w0",
+        "train.max_steps=1",
+        "train.scaling.num_workers=1",
+        f"train.checkpoint.storage_path={tmp_path / 'ray'}",
+        f"--out={tmp_path / 'out'}",
+    )
+    _one_error_line(proc, "ran out of memory", "train.per_device_queries")
+
+
+def test_out_of_memory_is_told_from_other_worker_errors():
+    from ray.exceptions import OutOfMemoryError
+    from ray.train import WorkerGroupError
+
+    from raysys.train.launch import out_of_memory
+
+    monitor = OutOfMemoryError("Task was killed due to the node running low on memory.")
+    cuda = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert out_of_memory(WorkerGroupError("1 worker failed", {0: monitor}))
+    assert out_of_memory(WorkerGroupError("1 worker failed", {1: cuda}))
+    assert out_of_memory(MemoryError())
+    assert not out_of_memory(WorkerGroupError("1 worker failed", {0: ValueError("bad shape")}))
+    wrapped = RuntimeError("step failed")
+    wrapped.__cause__ = ValueError("labels must be int64")
+    assert not out_of_memory(wrapped)

@@ -12,6 +12,7 @@ from typing import Any
 
 from raysys.config import Config, to_dict
 from raysys.console import duration
+from raysys.errors import UserError
 from raysys.runtime import ensure_ray, progress_channel, require_gpus, worker_env
 from raysys.storage import Location, resolve
 from raysys.train.monitor import TrainMonitor
@@ -90,9 +91,17 @@ def run_training(cfg: Config, out_dir: str | Path | Location) -> TrainOutcome:
     monitor = TrainMonitor(channel, local_out, desc=f"train ({t.task})", mlflow=t.mlflow)
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as e:
         monitor.close()
         _publish(staging, out)
+        if isinstance(e, Exception) and out_of_memory(e):
+            raise TrainingOutOfMemory(
+                f"training ran out of memory ({t.per_device_queries} queries a worker, group "
+                f"{t.group_size}): lower train.per_device_queries (raise train.grad_accum to "
+                "keep the step), set train.grad_cache.chunk_size or "
+                "train.gradient_checkpointing=true, or shorten the max lengths; "
+                "--debug shows Ray's traceback"
+            ) from e
         raise
     ret = result.return_value or {}
     history = ret.get("history", [])
@@ -134,6 +143,37 @@ def run_training(cfg: Config, out_dir: str | Path | Location) -> TrainOutcome:
         skipped=data_summary.get("skipped", {}),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
     )
+
+
+class TrainingOutOfMemory(UserError):
+    """A worker ran out of host or GPU memory: a setting to lower, not a bug."""
+
+
+_OOM_MARKERS = (
+    "outofmemoryerror",
+    "out of memory",
+    "running low on memory",  # Ray's memory monitor
+    "can't allocate memory",  # torch's CPU allocator
+)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` or an error it chains to (a worker's, as Ray Train
+    wraps it) says a process ran out of memory: torch's CPU/GPU
+    ``OutOfMemoryError``, Python's ``MemoryError`` or Ray's memory monitor."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    while todo:
+        cur = todo.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        text = f"{type(cur).__name__} {cur}".lower()
+        if isinstance(cur, MemoryError) or any(m in text for m in _OOM_MARKERS):
+            return True
+        todo += [x for x in (cur.__cause__, cur.__context__) if x is not None]
+        todo += list((getattr(cur, "worker_failures", None) or {}).values())
+    return False
 
 
 def _publish(staging: Path | None, out: Location) -> None:

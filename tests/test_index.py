@@ -240,5 +240,10 @@ def test_leaving_the_query_encoder_block_releases_its_actor(ray_local):
         encoder._actor = holder
         raise RuntimeError("boom")
     assert encoder._actor is None
+    # ray.kill is asynchronous: a call sent at once may still be served, so
+    # wait (bounded) for the actor to die rather than assume it is instant.
+    deadline = time.monotonic() + 60
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(holder.ping.remote(), timeout=30)
+        while time.monotonic() < deadline:
+            ray.get(holder.ping.remote(), timeout=30)
+            time.sleep(0.2)

@@ -108,15 +108,20 @@ def test_a_folder_that_is_not_an_output_is_named(verb, tmp_path):
 
 @pytest.mark.slow
 def test_a_worker_out_of_memory_is_one_line_with_a_hint(tiny_lm_dir, toy_data, tmp_path):
-    """A real allocation failure in a Ray Train worker (an embedding of 2^36
-    rows built there) ends as one line saying what to lower."""
+    """A real allocation failure in a Ray Train worker (an embedding of 2^42
+    rows built there) ends as one line saying what to lower.
+
+    2^42 x 32 floats is 512 TiB, more than a 47-bit address space holds, so
+    the allocation fails at once under every ``vm.overcommit_memory`` mode; a
+    smaller one (2^36 rows, 8 TiB) is granted lazily where overcommit is 1
+    and the worker then thrashes instead of failing."""
     import json
     import shutil
 
     model = tmp_path / "huge-vocab"
     shutil.copytree(tiny_lm_dir, model)
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "vocab_size": 2**36}))
+    (model / "config.json").write_text(json.dumps({**config, "vocab_size": 2**42}))
     proc = _raysys(
         "train",
         "-",

@@ -542,6 +542,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and str(value).lower() in args:
+            # `index.ondisk=true` (YAML reads a bool) for the choice "true".
+            return str(value).lower()
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value

@@ -535,7 +535,10 @@ def load_index(
     the local cache first (on-disk lists are memory-mapped from there)."""
     manifest = read_manifest(index_dir)
     d = local_copy(index_dir)
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_ONDISK_SAME_DIR if manifest.get("ondisk") else 0
+    # On-disk lists map lists.ivfdata themselves (found beside index.faiss).
+    # IO_FLAG_MMAP is for lists stored inside index.faiss: on an on-disk
+    # index the first search segfaults (faiss-cpu 1.15.1).
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if manifest.get("ondisk") else 0
     index = faiss.read_index(str(d / INDEX_FILE), flags)
     ids = resolve(d / IDS_FILE).read_parquet().column("id").to_pylist()
     return index, ids, manifest

@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh || exit 1
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 RAY_DEDUP_LOGS=1
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/raysys/torch_extensions}"
+# tests/gpu runs here too: on a GPU where there is one, else as a dry run on
+# the CPU (about 1 minute; its FAISS GPU tests skip), so its code cannot rot
+# unseen. RAYSYS_GPU_SUITE_ON_CPU=0 skips it without a GPU.
+export RAYSYS_GPU_SUITE_ON_CPU="${RAYSYS_GPU_SUITE_ON_CPU:-1}"
 .venv/bin/ruff check raysys tests benchmarks || exit 1
 .venv/bin/python -m pytest -ra --durations=25 "$@"
 rc=$?

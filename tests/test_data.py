@@ -127,6 +127,7 @@ def test_sampling_is_seeded_and_never_returns_positives(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_beir_groups(scifact):
     ts = groups_from_beir(scifact, "train", sampled_negatives=5, max_queries=50)
     assert len(ts) == 50 and ts.corpus.num_rows == 5183

@@ -143,6 +143,7 @@ def test_ffn_down_projections_are_found_in_encoders_and_decoders(tiny_bert_dir, 
     assert ffn_down_projections(torch.nn.Sequential(torch.nn.Linear(4, 4))) == set()
 
 
+@pytest.mark.slow
 def test_int8_schemes_drift_from_fp32_as_measured(scifact):
     """Real MiniLM on real passages: per-channel scales (the default) and
     per-tensor scales with the FFN down-projections in fp32 both keep

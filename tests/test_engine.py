@@ -31,6 +31,7 @@ def test_head_lr_gives_the_score_head_its_own_scheduled_rate():
     assert [len(g["params"]) for g in param_groups(Toy(), t0.optim, ("head.",))] == [2, 2, 0]
 
 
+@pytest.mark.slow
 def test_cpu_comm_set_up_builds_no_op_and_ignores_a_stale_build_lock(tmp_path):
     """A build killed half-way leaves ``<ext>/lock`` behind; DeepSpeed's own
     set-up then waits on it forever. raysys's CPU set-up builds no op, so it
@@ -53,7 +54,12 @@ def test_cpu_comm_set_up_builds_no_op_and_ignores_a_stale_build_lock(tmp_path):
         "assert dist.get_world_size() == 1 and t.tolist() == [1.0, 1.0]\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "DS_ACCELERATOR": "cpu"}
+    # A process group set up earlier in this pytest process (the GPU suite's CPU
+    # dry run) leaves MASTER_PORT & co. in the environment, its port still bound:
+    # the child must pick its own.
+    dist_env = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in dist_env}
+    env |= {"TORCH_EXTENSIONS_DIR": str(ext), "DS_ACCELERATOR": "cpu"}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240
     )

@@ -35,6 +35,20 @@ def _train_worker_pids() -> list[int]:
     return sorted(pids)
 
 
+def _gone(proc: psutil.Process, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``proc`` to exit (a zombie counts: its
+    parent, the raylet, has yet to reap it; a reused pid is another process)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_killed_worker_resumes_from_checkpoint(
     ray_local, tiny_llama_dir, toy_data, tmp_path, monkeypatch
 ):
@@ -73,16 +87,26 @@ def test_killed_worker_resumes_from_checkpoint(
     # Wait until two checkpoints exist (steps 4 and 8: the first is surely
     # registered with the controller by then), then kill one worker.
     deadline = time.time() + 300
-    killed_pid = None
+    killed_pid, old_pids = None, []
     while time.time() < deadline and th.is_alive():
         if len(list(storage.glob("killed/checkpoint_*"))) >= 2:
-            pids = _train_worker_pids()
-            if pids:
-                killed_pid = pids[-1]
+            old_pids = _train_worker_pids()
+            if old_pids:
+                killed_pid = old_pids[-1]
                 break
         time.sleep(0.5)
     assert killed_pid is not None, "no checkpoint or no worker to kill"
+    victim = psutil.Process(killed_pid)
     os.kill(killed_pid, signal.SIGKILL)
+    assert _gone(victim, 30), f"worker {killed_pid} still running 30 s after SIGKILL"
+    # Ray Train replaces the whole worker group: new workers, none of the old.
+    new_pids: list[int] = []
+    while time.time() < deadline + 300 and th.is_alive() and not new_pids:
+        pids = _train_worker_pids()
+        if pids and not set(pids) & set(old_pids):
+            new_pids = pids
+        time.sleep(0.2)
+    assert new_pids, f"no new worker group replaced {old_pids}"
     th.join(timeout=600)
     assert not th.is_alive()
     assert "error" not in result, result.get("error")
@@ -91,6 +115,5 @@ def test_killed_worker_resumes_from_checkpoint(
     assert outcome.started_at in (4, 8, 12), outcome.started_at  # restored, not from 0
     assert [h["step"] for h in outcome.history] == list(range(1, 17))
     assert outcome.model_dir is not None
-    assert not psutil.pid_exists(killed_pid)
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["stopped_at"] == 16

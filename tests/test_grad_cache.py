@@ -14,6 +14,7 @@ import torch
 
 from raysys.config import ConfigError, load_config
 from raysys.train.steps import GradCacheStep, StandardStep, StepStrategy, make_step
+from tests.record import record
 
 
 def _overrides(model: Path, data: Path, *extra: str) -> list[str]:
@@ -191,7 +192,7 @@ def test_grad_cache_is_exact_under_every_zero_stage(ray_local, tiny_bert_dir, to
         for s in (0, 1, 2, 3)
     ]
     got = _run_workers(variants, tmp_path / "exact.json", no_replay=True)
-    print("grad_cache exactness:", json.dumps(got))  # shown with pytest -s
+    record("every_zero_stage", got)
     for name, entry in got.items():
         gc, ref = entry["losses"]["grad_cache"], entry["losses"]["reference"]
         assert gc == pytest.approx(ref, abs=1e-5), (name, gc, ref)
@@ -236,19 +237,23 @@ def test_grad_cache_is_exact_with_lora_checkpointing_accumulation_and_bf16(
         ),
     ]
     got = _run_workers(variants, tmp_path / "exact.json")
-    print("grad_cache exactness:", json.dumps(got))  # shown with pytest -s
+    record("lora_checkpointing_accumulation_bf16", got)
     entry = got["lora_ckpt_accum_zero3"]
     gc, ref = entry["losses"]["grad_cache"], entry["losses"]["reference"]
     assert gc == pytest.approx(ref, abs=1e-5), (gc, ref)
     assert entry["param_diff_reference"] < 1e-5, entry
     # Against the one-pass step the chunks are shorter (no padding to the
     # batch's longest text), so sums run in another order: the loss curve
-    # agrees to 1e-5; the weights to float noise amplified by Adam on
-    # near-zero gradients (m / sqrt(v) of a 1e-9 gradient is O(1)).
+    # agrees to 2e-6; the weights to float noise amplified by Adam on
+    # near-zero gradients (m / sqrt(v) of a 1e-9 gradient is O(1)): 2e-4.
+    # Measured here: 9.5e-7 and 9.8e-5 (grad_cache_exactness.json); the bounds
+    # leave room for one more float32 rounding step on another CPU.
+    # The README's figures; measured on a 2-core CPU box, the same on every
+    # run: loss 9.5e-7 (4 float32 ulps at 3.9), weights 9.76e-5.
     entry = got["no_dropout_standard_zero3"]
     gc, ref = entry["losses"]["grad_cache"], entry["losses"]["reference"]
-    assert gc == pytest.approx(ref, abs=1e-5), (gc, ref)
-    assert entry["param_diff_reference"] < 1e-3, entry
+    assert gc == pytest.approx(ref, rel=0, abs=2e-6), (gc, ref)
+    assert entry["param_diff_reference"] < 2e-4, entry
     # bf16: the same computation in bf16 (accumulation order differs): close, not bitwise.
     entry = got["bf16_zero2"]
     gc, ref = entry["losses"]["grad_cache"], entry["losses"]["reference"]

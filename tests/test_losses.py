@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from raysys.losses import grouped_ce, info_nce, pointwise_bce
+from raysys.losses import contrastive_loss, grouped_ce, info_nce, pointwise_bce
 
 
 def test_in_batch_matches_hand_computation():
@@ -42,6 +42,22 @@ def test_false_negative_mask_removes_known_positives():
     l0 = torch.logsumexp(s[0, :3], 0) - s[0, 0]
     l1 = torch.logsumexp(s[1], 0) - s[1, 2]
     assert masked.item() == pytest.approx(((l0 + l1) / 2).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_false_negative_mask_by_hand_on_a_tied_row(in_batch):
+    """The last column repeats the target's passage, tied at the top: masked,
+    it leaves the softmax, log(1 + 2 e^-5) = 0.0134; kept it would be a second
+    target, log(2 + 2 e^-5) = 0.700."""
+    scores = torch.tensor([[5.0, 0.0, 0.0, 5.0]])
+    kw = dict(group_size=4, in_batch=in_batch)
+    unmasked = contrastive_loss(scores, passage_ids=["p", "n1", "n2", "p"], **kw)  # no positives
+    assert unmasked.item() == pytest.approx(math.log(2.0 + 2 * math.exp(-5)), abs=1e-6)
+    masked = contrastive_loss(
+        scores, passage_ids=["p", "n1", "n2", "p"], query_positive_ids=[{"p"}], **kw
+    )
+    assert masked.item() == pytest.approx(math.log(1.0 + 2 * math.exp(-5)), abs=1e-6)
+    assert masked.item() == pytest.approx(0.0134, abs=1e-4)
 
 
 def test_shape_mismatch_is_an_error():

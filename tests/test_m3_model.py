@@ -96,6 +96,7 @@ def _beir(root, n_docs=120, n_queries=16):  # noqa: ANN001, ANN202
     return docs, qs
 
 
+@pytest.mark.slow
 def test_an_m3_export_searches_in_every_mode(ray_local, tiny_bert_dir, tmp_path) -> None:
     """The pipeline with train.enabled=false over an M3 export writes every
     mode's metrics; the hybrid run's scores are 1 x dense + 0.3 x sparse +

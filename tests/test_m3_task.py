@@ -16,6 +16,8 @@ from raysys.data.groups import read_groups
 from raysys.data.readers import DataError
 from raysys.train.tasks.m3 import M3Task
 from raysys.train.tasks.retrieve import RetrievalBatch, RetrieveTask
+from tests.helpers import assert_loss_falls
+from tests.record import record
 
 
 def _overrides(model: Path, data: Path, *extra: str) -> list[str]:
@@ -223,7 +225,7 @@ def test_m3_grad_cache_is_exact_under_zero_2_and_3(ray_local, tiny_bert_dir, toy
         for s in (2, 3)
     ]
     got = gc._run_workers(variants, tmp_path / "exact.json")
-    print("m3 grad_cache exactness:", json.dumps(got))
+    record("m3_zero2_zero3", got)
     for name, entry in got.items():
         a, b = entry["losses"]["grad_cache"], entry["losses"]["reference"]
         assert a == pytest.approx(b, abs=1e-5), (name, a, b)
@@ -264,7 +266,8 @@ def test_m3_trains_and_exports_every_head(
     outcome = run_training(cfg, tmp_path / "out")
     assert outcome.finished and outcome.model_dir is not None
     losses = [h["loss"] for h in outcome.history]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    # Measured: 19% (full), 6.6% (LoRA); a run without gradients wobbles by ~1%.
+    assert_loss_falls(losses, by=0.03)
     out = Path(outcome.model_dir)
     AutoModel.from_pretrained(out)  # the backbone loads in plain transformers
     contract = json.loads((out / "raysys_contract.json").read_text())

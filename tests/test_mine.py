@@ -2,7 +2,9 @@
 filter, and `raysys mine` end to end (settings from the `mine:` section and flags)."""
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from raysys.search.mine import MineSpec, filter_false_negatives, mine_groups, sample_negatives
@@ -50,6 +52,47 @@ def test_mining_reports_short_windows_and_missing_candidates():
 def test_reranker_filter_drops_candidates_near_the_positive():
     kept, dropped = filter_false_negatives([5.0, 3.0], ["a", "b", "c"], [2.9, 2.0, 4.0], 0.5)
     assert kept == ["b"] and dropped == 2
+
+
+class _StubEncoder:
+    """A QueryEncoder stand-in: its embedder has ``contract``; encoding is recorded."""
+
+    def __init__(self, contract):
+        self.contract, self.encoded = contract, []
+
+    def get(self):
+        return SimpleNamespace(contract=self.contract), None
+
+    def encode(self, texts, batch_size=None):
+        self.encoded += texts
+        return np.ones((len(texts), 4), np.float32)
+
+
+def test_exact_search_refuses_a_query_encoder_of_another_contract(tmp_path, monkeypatch):
+    """Mining's exact search (no index) checks the query encoder's contract
+    against the embeddings' before encoding a query; a matching one searches."""
+    import raysys.search.exact
+    from raysys.config import load_config
+    from raysys.contract import ContractError, EncodingContract
+    from raysys.index.manifest import write_manifest
+    from raysys.stages import exact_search_stage
+
+    searched = []
+    monkeypatch.setattr(
+        raysys.search.exact,
+        "exact_search",
+        lambda emb, qids, qvecs, **kw: searched.append(qids) or {"q1": {"d1": 1.0}},
+    )
+    index_contract = EncodingContract(model="m", pooling="mean", dim=4)
+    write_manifest(tmp_path, {"contract": index_contract.to_dict(), "dim": 4})
+    cfg = load_config(None, [])
+    other = _StubEncoder(EncodingContract(model="m", pooling="cls", dim=4))
+    with pytest.raises(ContractError, match="pooling: index has 'mean', query encoder has 'cls'"):
+        exact_search_stage(cfg, tmp_path, {"q1": "a query"}, other)
+    assert other.encoded == [] and searched == []
+    same = _StubEncoder(EncodingContract(model="m", pooling="mean", dim=4))
+    assert exact_search_stage(cfg, tmp_path, {"q1": "a query"}, same) == {"q1": {"d1": 1.0}}
+    assert same.encoded == ["a query"] and searched == [["q1"]]
 
 
 @pytest.mark.slow

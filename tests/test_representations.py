@@ -126,6 +126,7 @@ class _Cfg:
     resources: dict = {}  # noqa: RUF012
 
 
+@pytest.mark.slow
 def test_sparse_index_topk_equals_brute_force(ray_local, tmp_path) -> None:
     rng = np.random.default_rng(0)
     rep = SparseRepresentation()
@@ -151,6 +152,7 @@ def test_sparse_index_topk_equals_brute_force(ray_local, tmp_path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_multivector_store_topk_equals_brute_force(ray_local, tmp_path, monkeypatch) -> None:
     import raysys.representations.multivector as mv
 

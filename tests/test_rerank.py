@@ -48,6 +48,7 @@ def tiny_reranker(tiny_bert_dir, tmp_path_factory):
     return export_reranker(model, head, load_tokenizer(str(tiny_bert_dir)), out)
 
 
+@pytest.mark.slow
 def test_rerank_stage_keeps_every_candidate(ray_local, tiny_reranker, toy_data):
     from raysys.config import PoolConfig, RerankerConfig
     from raysys.data.readers import read_corpus
@@ -167,6 +168,7 @@ def test_tiny_decoder_reranker_trains_under_zero3(ray_local, tiny_llama_dir, tmp
     assert scorer.score_ids(ids) == pytest.approx(probe["scores"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_teacher_scores_every_group_passage(ray_local, tiny_reranker, toy_data, tmp_path):
     """`raysys teacher`'s function: one reranker score per positive and per
     negative, equal to the reranker's own on the pair; the groups read back

@@ -4,11 +4,13 @@ environment variables."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
-from raysys.storage import resolve
+from raysys.storage import Location, resolve
 
 
 def _roundtrip(root):
@@ -30,6 +32,48 @@ def test_local_paths(tmp_path):
     loc = _roundtrip(tmp_path / "out")
     assert not loc.is_remote
     assert not [p for p in (tmp_path / "out" / "run").iterdir() if ".tmp-" in p.name]
+
+
+class _HalfThenFail:
+    """An output stream that writes half of what it is given, then fails (a
+    full disk, a killed process): what is on disk is a torn file."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.inner.close()
+
+    def write(self, data):
+        self.inner.write(data[: len(data) // 2])
+        self.inner.flush()
+        raise OSError("disk full (injected half-way through a write)")
+
+
+class _TornLocalFS(pafs.LocalFileSystem):
+    def open_output_stream(self, path, *args, **kwargs):
+        return _HalfThenFail(super().open_output_stream(path, *args, **kwargs))
+
+
+def test_an_interrupted_local_write_keeps_the_old_file_whole(tmp_path):
+    """A text/bytes write that fails half-way leaves the old file as it was (a
+    new one: no file), and no side file behind."""
+    run = tmp_path / "run"
+    resolve(run / "metrics.json").write_text('{"nDCG@10": 0.5}')
+
+    def torn(name):
+        path = str(run / name)
+        return Location(_TornLocalFS(), path, path)
+
+    with pytest.raises(OSError, match="injected"):
+        torn("metrics.json").write_text('{"nDCG@10": 0.7, "MRR@10": 0.6}')
+    with pytest.raises(OSError, match="injected"):
+        torn("new.bin").write_bytes(b"0123456789" * 100)
+    assert (run / "metrics.json").read_text() == '{"nDCG@10": 0.5}'
+    assert os.listdir(run) == ["metrics.json"]
 
 
 def test_s3_uri_through_the_aws_environment(aws_env):

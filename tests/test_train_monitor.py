@@ -9,6 +9,9 @@ import pytest
 
 from raysys.runtime import progress_channel
 from raysys.train.monitor import TB_DIR, TrainMonitor
+from tests.helpers import import_or_skip
+
+pytestmark = pytest.mark.slow  # a real ProgressChannel actor: a Ray cluster
 
 
 def _record(step: int, loss: float) -> dict:
@@ -58,7 +61,7 @@ def test_every_step_reaches_tensorboard_and_resume_purges(ray_local, tmp_path):
 
 
 def test_mlflow_gets_every_step(ray_local, tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow")
+    mlflow = import_or_skip("mlflow", "pip install 'mlflow-skinny>=2.10' (in raysys[dev])")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # no SQL backend in mlflow-skinny
     channel = progress_channel()

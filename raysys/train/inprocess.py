@@ -12,6 +12,7 @@ reporting stay in the loop.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -26,6 +27,7 @@ from raysys.config import Config
 from raysys.models.backbone import load_tokenizer
 from raysys.train.engine import build_engine, init_deepspeed_comm, setup_accelerator_env
 from raysys.train.loop import (
+    PROBE_FILE,
     gather_full_state_dict,
     optimizer_step,
     plan_steps,
@@ -45,6 +47,10 @@ class StepTimes:
     peak_bytes: int = 0
     # With keep_state: the full trained weights (rank 0; None elsewhere).
     state: dict[str, torch.Tensor] | None = None
+    # With export_to: the task's probe of the trained module, taken before
+    # the export (what the loop saves as train_probe.json; None if the task
+    # has none).
+    probe: dict[str, Any] | None = None
 
 
 def init_single_process(device: torch.device) -> None:
@@ -81,6 +87,8 @@ def train_steps(
     In a process group already set up (a Ray Train worker) every rank runs
     its share, as in the loop. ``step_fn`` replaces the configured step
     strategy; ``keep_state`` gathers the trained weights into the result;
+    with ``export_to`` the result carries the task's probe of the trained
+    module (also written next to the export, as the loop does);
     ``on_ready`` is called once the engine is built (a memory benchmark's
     baseline).
     """
@@ -124,8 +132,12 @@ def train_steps(
         sd = gather_full_state_dict(
             task.export_module(engine.module), t.zero_stage, task.frozen_from_checkpoint()
         )
+        # Every rank probes (a ZeRO-3 forward gathers parameters collectively).
+        out.probe = task.probe(engine.module, tokenizer, data)
         if sd is not None:
             task.export(sd, tokenizer, export_to)
+            if out.probe is not None:
+                (Path(export_to) / PROBE_FILE).write_text(json.dumps(out.probe))
     if keep_state:
         out.state = gather_full_state_dict(engine.module, t.zero_stage)
     if hasattr(engine, "destroy"):

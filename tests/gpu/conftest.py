@@ -2,7 +2,9 @@
 
 ``RAYSYS_GPU_SUITE_ON_CPU=1`` runs it on the CPU instead (gloo for NCCL, no
 half-precision weights): a dry run of its code on a machine without a GPU,
-which proves nothing about GPUs.
+which proves nothing about GPUs but keeps that code from rotting unseen.
+``scripts/test.sh`` (so CI) sets it; only the FAISS GPU tests skip there,
+and the dry run is marked ``slow`` (``-m "not slow"`` leaves it out).
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ HERE = Path(__file__).parent
 
 
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason="no CUDA device (the GPU suite; see scripts/device_gpu.sh)")
+    skip = pytest.mark.skip(
+        reason="no CUDA device and RAYSYS_GPU_SUITE_ON_CPU unset (see scripts/device_gpu.sh)"
+    )
     for item in items:
         if HERE in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.gpu)
-            if not torch.cuda.is_available() and not ON_CPU:
-                item.add_marker(skip)
+            if not torch.cuda.is_available():
+                # The dry run belongs with the slow tests (DeepSpeed, real encodes).
+                item.add_marker(pytest.mark.slow if ON_CPU else skip)
 
 
 @pytest.fixture(scope="session")

@@ -113,11 +113,12 @@ def test_faiss_ivfpq_on_gpu():
 
 def test_index_trains_and_adds_on_the_gpu(tmp_path):
     """train_on_gpu and a GPU add task give an index as good as the CPU's."""
-    from benchmarks.index_memory import write_shards
     from raysys.index.build import _add_shard, auto_factory, faiss, train_on_gpu
 
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         pytest.skip("this FAISS has no GPU support (faiss-cpu)")
+    from benchmarks.index_memory import write_shards
+
     write_shards(tmp_path, 20000, 20000)
     from raysys.index.encode import read_embeddings
 

@@ -5,12 +5,15 @@ export reloads and embeds like the trained module."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from raysys.config import load_config
 from raysys.train.inprocess import train_steps
+from tests.helpers import assert_loss_falls
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +68,40 @@ def test_train_step_on_nccl(llama, groups, device, half, tmp_path, stage, lora, 
     )
     res = train_steps(cfg, steps=12, device=device, export_to=tmp_path / "export")
     assert all(math.isfinite(x) for x in res.losses), res.losses
-    first, last = sum(res.losses[:3]) / 3, sum(res.losses[-3:]) / 3
-    assert last < first, res.losses  # it learns
-    # The export reloads in plain transformers and embeds (CPU, fp32).
+    assert_loss_falls(res.losses, by=0.05)  # it learns (a run that does not only wobbles)
+    _assert_export_embeds_as_trained(
+        res.probe, tmp_path / "export", half_precision=cfg.train.precision != "fp32"
+    )
+
+
+def _assert_export_embeds_as_trained(
+    probe: dict[str, Any] | None, export: Path, half_precision: bool
+) -> None:
+    """The export, reloaded in plain transformers (CPU, fp32), embeds the
+    probe's texts as the trained module did right after its last step.
+
+    fp32 differs only by rounding (LoRA merged into the weights rather than
+    applied beside them): 1e-5. A bf16 module rounds every activation to 8
+    significant bits while the reload runs in fp32: on the CPU (ZeRO-2 LoRA,
+    ZeRO-3 full) that moved these unit vectors by at most 2.5e-3 per
+    component (cosine 0.99997); 1e-2 leaves room for the GPU's kernels. An
+    export that skips merging LoRA is off by 0.28.
+    """
     from raysys.models.embedder import load_embedder
 
-    model, tok = load_embedder(str(tmp_path / "export"))
-    with torch.no_grad():
-        emb = model.encode_texts(tok, ["topic w3", "topic w4"], "query")
-    assert emb.shape[0] == 2 and torch.isfinite(emb).all()
-    p = next(model.parameters())
-    assert p.dtype == torch.float32 or p.dtype == torch.bfloat16
+    assert probe is not None and probe["queries"] and probe["passages"]
+    model, tok = load_embedder(str(export))
+    assert next(model.parameters()).dtype == torch.float32
+    got = torch.cat(
+        [
+            model.encode_texts(tok, probe["queries"], "query", formatted=True),
+            model.encode_texts(tok, probe["passages"], "passage", formatted=True),
+        ]
+    )
+    want = torch.tensor(probe["query_embeddings"] + probe["passage_embeddings"])
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    tol = 1e-2 if half_precision else 1e-5
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    if half_precision:
+        cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
+        assert cos.min() > 0.999, cos

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -38,6 +38,9 @@ class LossOutput:
 
     loss: torch.Tensor
     value: float
+    # Named parts of the loss, unweighted and detached (e.g. each M3 head's
+    # InfoNCE), for tests and diagnostics; empty when the task names none.
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 Reps = dict[str, torch.Tensor]

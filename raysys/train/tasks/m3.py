@@ -7,7 +7,9 @@ weight vectors, so the max over a term's occurrences is differentiable) and
 MaxSim. **All three heads gather their representations across workers**
 (``train.loss.gather_negatives``), so the ensemble and its distillation see
 one candidate set; each rank's loss covers the global batch, and only its
-own rows carry gradient (times the world size: exact after averaging).
+own rows carry gradient (times the world size: exact after averaging; each
+head's loss term and gradients on 2 workers equal one process over the whole
+batch, tests/test_m3_gather.py). ``LossOutput.terms`` holds each term.
 
 Loss (BGE-M3, Chen et al. 2024; FlagEmbedding's m3 recipe):
 
@@ -182,23 +184,28 @@ class M3Task(RetrieveTask):
         head_logits = {h: logits(scores[h]) for h in HEADS}
         ens_logits, target = logits(ens)
         ce = {h: F.cross_entropy(x, y) for h, (x, y) in head_logits.items()}
-        loss = (sum(lw[h] * ce[h] for h in HEADS) + F.cross_entropy(ens_logits, target)) / 4
+        ce["ensemble"] = F.cross_entropy(ens_logits, target)
+        terms = dict(ce)
+        loss = (sum(lw[h] * ce[h] for h in HEADS) + ce["ensemble"]) / 4
         if m.self_distill and self.step >= m.self_distill_start:
-            sd = sum(lw[h] * soft_cross_entropy(head_logits[h][0], ens_logits) for h in HEADS)
+            kd_ens = {h: soft_cross_entropy(head_logits[h][0], ens_logits) for h in HEADS}
+            terms |= {f"self_distill.{h}": v for h, v in kd_ens.items()}
+            sd = sum(lw[h] * kd_ens[h] for h in HEADS)
             loss = (loss + sd / 3) / 2
         if lc.distill_weight > 0:
             if teacher is None:
                 raise ValueError("distillation needs the batch's teacher scores")
             target_logits = teacher.to(device).float() / lc.teacher_temperature
-            kd = sum(
-                lw[h]
-                * soft_cross_entropy(
+            kd_teacher = {
+                h: soft_cross_entropy(
                     group_scores(scores[h], t.group_size) / lc.temperature, target_logits
                 )
                 for h in HEADS
-            )
+            }
+            terms |= {f"teacher.{h}": v for h, v in kd_teacher.items()}
+            kd = sum(lw[h] * kd_teacher[h] for h in HEADS)
             loss = loss + lc.distill_weight * kd / 3
-        return LossOutput(loss * scale, loss.item())
+        return LossOutput(loss * scale, loss.item(), {k: v.detach() for k, v in terms.items()})
 
     def probe(self, module: nn.Module, tokenizer: Any, data: TrainingSet) -> dict[str, Any]:
         """Every head's training-time output on a few fixed texts."""

@@ -28,6 +28,7 @@ import json
 import random
 from pathlib import Path
 
+from _results import write_results
 from _runs import ROOT, run_raysys, train_summary
 
 RESULTS = Path(__file__).parent / "results" / "adapt_scifact.json"
@@ -88,7 +89,7 @@ def main() -> None:
 
     def save() -> None:
         res["settings"] = {k: v for k, v in vars(args).items() if k not in ("data", "work")}
-        results.write_text(json.dumps(res, indent=2) + "\n")
+        write_results(results, res, "benchmarks/adapt_scifact.py")
 
     if "subset" in steps and not (subset / "corpus.jsonl").is_file():
         res["subset"] = make_subset(Path(args.data), subset, args.passages, args.seed)

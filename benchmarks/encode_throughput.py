@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import write_results
 
 from raysys.config import load_config
 from raysys.data.readers import BeirFolder
@@ -117,7 +118,7 @@ def main() -> None:
         "docs_per_s": len(ids) / secs,
         "nDCG@10": ndcg(beir, ids, vecs, cfg),
     }
-    out.write_text(json.dumps(res, indent=2))  # partial results survive an interruption
+    write_results(out, res, "benchmarks/encode_throughput.py")  # partial results survive an interruption
     variants = {
         "fp32": [],
         "bf16": ["encode.pool.bf16=true"],
@@ -139,7 +140,7 @@ def main() -> None:
         res[name]["ndcg_within_0.005_of_fp32"] = (
             abs(res[name]["nDCG@10"] - res["raysys_fp32"]["nDCG@10"]) <= 0.005
         )
-        out.write_text(json.dumps(res, indent=2))
+        write_results(out, res, "benchmarks/encode_throughput.py")
     print(json.dumps(res, indent=2))
 
 

@@ -31,6 +31,7 @@ import argparse
 import json
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -357,7 +358,10 @@ def main() -> None:
     only = set(args.only.split(","))
 
     def save() -> None:
-        args.out.write_text(json.dumps(result, indent=2))
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _results import write_results
+
+        write_results(args.out, result, "benchmarks/gpu.py")
 
     if "encode" in only:
         result["encode"] = {}

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from _results import write_results
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -166,7 +168,7 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     name = "grad_cache_gpu.json" if args.device.startswith("cuda") else "grad_cache.json"
-    (RESULTS / name).write_text(json.dumps(out, indent=2) + "\n")
+    write_results(RESULTS / name, out, "benchmarks/grad_cache.py")
     print(json.dumps(summary, indent=2))
 
 

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 
@@ -91,19 +93,14 @@ def main() -> None:
     result_file = RESULTS / "grad_cache_scifact.json"
     results = json.loads(result_file.read_text()) if result_file.is_file() else {}
     results.pop("setup", None)
+    results.pop("written", None)
     for name, extra in runs.items():
         results[name] = run(name, args.data, out, extra)
         print(name, json.dumps(results[name]["metrics"]), flush=True)
-        RESULTS.mkdir(exist_ok=True)
-        result_file.write_text(
-            json.dumps(
-                {
-                    "setup": "jobs/scifact.yaml, texts cut at 128 tokens, 1 epoch, exact search",
-                    **results,
-                },
-                indent=2,
-            )
-            + "\n"
+        write_results(
+            result_file,
+            {"setup": "jobs/scifact.yaml, texts cut at 128 tokens, 1 epoch, exact search", **results},
+            "benchmarks/grad_cache_scifact.py",
         )
 
 

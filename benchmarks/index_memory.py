@@ -26,6 +26,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+if __package__:  # imported by the tests as benchmarks.index_memory
+    from ._results import write_results
+else:  # run as a script
+    from _results import write_results
+
 DIM = 384
 
 
@@ -134,7 +139,7 @@ def main() -> None:
     }
     out_path = Path(__file__).parent / "results" / "index_memory.json"
     out_path.parent.mkdir(exist_ok=True)
-    out_path.write_text(json.dumps(res, indent=2))
+    write_results(out_path, res, "benchmarks/index_memory.py")
     print(json.dumps(res, indent=2))
 
 

@@ -36,6 +36,7 @@ import argparse
 import json
 from pathlib import Path
 
+from _results import write_results
 from _runs import ROOT, run_raysys, train_summary
 
 RESULTS = Path(__file__).parent / "results" / "m3_scifact.json"
@@ -87,7 +88,7 @@ def main() -> None:
 
     def save() -> None:
         res["settings"] = {k: v for k, v in vars(args).items() if k not in ("data", "work")}
-        results.write_text(json.dumps(res, indent=2) + "\n")
+        write_results(results, res, "benchmarks/m3_scifact.py")
 
     def pipeline(name: str, job: str, overrides: list[str], trained: bool = True) -> None:
         out = work / name

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import write_results
 
 from raysys.config import PoolConfig, RerankerConfig
 from raysys.data.readers import BeirFolder, Report
@@ -105,7 +106,7 @@ def main() -> None:
     }
     out_path = Path(__file__).parent / "results" / "rerank_throughput.json"
     out_path.parent.mkdir(exist_ok=True)
-    out_path.write_text(json.dumps(res, indent=2))
+    write_results(out_path, res, "benchmarks/rerank_throughput.py")
     print(json.dumps(res, indent=2))
 
 

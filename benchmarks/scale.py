@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _results import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = 20_000
@@ -378,7 +379,7 @@ def main() -> None:
     result: dict[str, Any] = {"sizes": rows, "shard_size": SHARD, "queries": N_QUERIES}
     for n in sorted(a.sizes):
         rows.append(_child(["--one", str(n), "--work", str(work)]))
-        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")  # partial, kept if cut off
+        write_results(a.out, result, "benchmarks/scale.py")  # partial, kept if cut off
     small, large = rows[0], rows[-1]
     result["fitted_exponent_wall"] = {s: _exponent(rows, s) for s in ("encode", "index")}
     result["driver_rss_growth"] = {
@@ -406,7 +407,7 @@ def main() -> None:
                 "error": f"bare baseline failed ({e}); sentence-transformers?"
             }
     result["killed_half_way"] = run_killed(a.kill_size, work, model)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(a.out, result, "benchmarks/scale.py")
     print(json.dumps(result, indent=2))
 
 

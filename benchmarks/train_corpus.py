@@ -31,6 +31,8 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers (tiny BERT)
 
+from _results import write_results
+
 from raysys.data.groups import TrainingSet
 from raysys.data.readers import Report
 from raysys.train.tasks import register_task
@@ -222,7 +224,7 @@ def main() -> None:
         }
         print("train", result["train"], flush=True)
     out = Path(__file__).parent / "results" / "train_corpus.json"
-    out.write_text(json.dumps(result, indent=2))
+    write_results(out, result, "benchmarks/train_corpus.py")
     print(json.dumps(result, indent=2))
 
 

@@ -13,13 +13,13 @@ after the first (warm-up) are timed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _results import write_results
 
 from raysys.config import load_config
 from raysys.data.groups import load_training_set
@@ -140,7 +140,7 @@ def main() -> None:
     }
     out = Path(__file__).parent / "results" / "train_throughput.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    write_results(out, res, "benchmarks/train_throughput.py")
     print(f"{'run':32s} tokens/s")
     for k in (
         "plain_torch_single_process",

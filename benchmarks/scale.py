@@ -216,6 +216,9 @@ def run_size(n: int, work: Path, model: Path) -> dict[str, Any]:
                 "factory",
                 "nprobe",
                 "tuning",
+                # recall@10 against exact search at each nprobe tried: the
+                # README's PQ ceiling is the largest of these.
+                "nprobe_recall_at_10",
                 "embedding_passes",
                 "embedding_shard_reads",
                 "add_task_peak_rss_mib",

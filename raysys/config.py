@@ -211,6 +211,9 @@ class TrainConfig:
     # weights load in fp32 whatever the checkpoint's dtype, so the optimizer
     # always keeps fp32 master weights and states.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # On a GPU, fp32 matmuls (precision: fp32, and fp32 parts of mixed
+    # precision) use TF32 tensor cores; false keeps them true fp32.
+    tf32: bool = True
     # from_pretrained's attn_implementation for training (sdpa,
     # flash_attention_2, eager; empty: the model's default).
     attn_implementation: str = ""
@@ -254,9 +257,10 @@ class PoolConfig:
     # many padded tokens per forward pass: batches by token budget.
     micro_batch: int = 32
     micro_tokens: int = 0
-    # Inference precision: fp32; bf16 (GPU: bf16 weights, CPU: bf16
-    # autocast); fp16 (GPU only, V100/T4). tf32: TF32 matmuls on GPUs.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Inference precision: auto (bf16 on a GPU that supports it, Ampere and
+    # later; else fp32); fp32; bf16 (GPU: bf16 weights, CPU: bf16 autocast);
+    # fp16 (GPU only, V100/T4). tf32: TF32 matmuls on GPUs.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     tf32: bool = True
     # from_pretrained's attn_implementation (sdpa, flash_attention_2, eager;
     # empty: the model's default).

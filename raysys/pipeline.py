@@ -31,6 +31,7 @@ from raysys.contract import EncodingContract
 from raysys.data.readers import BeirFolder
 from raysys.eval import write_metrics
 from raysys.report import METRICS, Row, plot_nprobe, write_report
+from raysys.runtime import check_gpu_stages
 from raysys.search.retrieve import QueryEncoder
 from raysys.search.runfile import Run, write_run
 from raysys.stages import (
@@ -165,6 +166,8 @@ def run_pipeline(cfg: Config, out_dir: str | Path | Location) -> dict[str, Any]:
         stages.remove("train")
     if not cfg.data.path:
         raise ConfigError("data: set data=PATH to a BEIR folder")
+    # A GPU stage the cluster can never hold fails now, not after training.
+    check_gpu_stages(cfg, stages)
     beir = BeirFolder(Path(cfg.data.path), on_bad_line=cfg.data.on_bad_line)
     clock, notes, rows = _Clock(), [], []
     out.join("config.json").write_text(json.dumps(to_dict(cfg), indent=2))

@@ -132,8 +132,8 @@ def progress_channel() -> Any:
 
 
 def autoscaler_max_gpus(ray: Any) -> int | None:
-    """The most GPUs the cluster's autoscaler may start (its node types'
-    max workers x GPUs), or None when there is no autoscaler config."""
+    """The most GPUs the cluster may hold (its autoscaler's node types: max
+    workers x GPUs), or None when there is no autoscaler config."""
     try:
         from ray._private import state
 
@@ -143,15 +143,35 @@ def autoscaler_max_gpus(ray: Any) -> int | None:
     return int(res.get("GPU", 0)) if res else None
 
 
-def require_gpus(ray: Any, what: str, wait_s: float | None = None) -> float:
-    """The cluster's GPUs up now; a clear error at once when there are none
-    and none can come.
+def declared_gpu_capacity() -> float | None:
+    """``RAYSYS_GPU_CAPACITY``: the GPUs the cluster can reach, declared by
+    the user where Ray cannot know it (nodes started outside an autoscaler)."""
+    raw = os.environ.get("RAYSYS_GPU_CAPACITY", "").strip()
+    if not raw:
+        return None
+    from raysys.errors import UserError
 
-    Without this, an actor or worker that asks for a GPU on a cluster with
-    none stays pending forever. A cluster whose autoscaler can start GPU
-    nodes (its config says so) returns 0: the pool starts small and grows as
-    they join. ``RAYSYS_GPU_WAIT_S`` (or ``wait_s``) waits that long for a
-    GPU to appear before failing.
+    try:
+        return float(raw)
+    except ValueError:
+        raise UserError(f"RAYSYS_GPU_CAPACITY={raw!r}: expected a number of GPUs") from None
+
+
+def require_gpus(
+    ray: Any, what: str, need: float = 1.0, *, wait_s: float | None = None, how: str = ""
+) -> float:
+    """The cluster's GPUs up now, once the stage's ``need`` (its workers x
+    GPUs per worker, or actors x GPUs per actor) can be met; a one-line
+    error within seconds when it cannot.
+
+    Without this, workers or actors that ask for more GPUs than the cluster
+    can ever hold stay pending until Ray times out. The cluster can reach
+    the larger of the GPUs up now and its autoscaler's maximum (from the
+    autoscaler's config; a cluster without one, e.g. nodes joined by
+    ``ray start``, cannot grow as far as Ray knows). ``RAYSYS_GPU_CAPACITY``
+    declares that number where Ray cannot know it; ``RAYSYS_GPU_WAIT_S`` (or
+    ``wait_s``) waits that long for GPUs to join before failing. ``how``
+    names the need in the error (e.g. ``"16 workers x 1 GPU"``).
     """
     import time
 
@@ -160,23 +180,85 @@ def require_gpus(ray: Any, what: str, wait_s: float | None = None) -> float:
     if wait_s is None:
         wait_s = float(os.environ.get("RAYSYS_GPU_WAIT_S", "0") or 0)
     deadline = time.monotonic() + wait_s
+    declared = declared_gpu_capacity()
     while True:
         resources = ray.cluster_resources()
         gpus = float(resources.get("GPU", 0))
-        if gpus > 0:
+        if gpus >= need:
             return gpus
-        if (autoscaler_max_gpus(ray) or 0) > 0:
-            log.info("%s: no GPU node up yet; the autoscaler can start some", what)
-            return 0.0
+        auto = autoscaler_max_gpus(ray) if declared is None else None
+        reach = declared if declared is not None else max(gpus, float(auto or 0))
+        if reach >= need:
+            log.info("%s: %g GPUs up, %g needed; the cluster can reach %g", what, gpus, need, reach)
+            return gpus
         if time.monotonic() >= deadline:
+            waited = f" after waiting {wait_s:g} s" if wait_s else ""
+            if reach == 0:
+                raise GPUUnavailable(
+                    f"{what}: use_gpu=true but the Ray cluster has no GPU and its autoscaler "
+                    f"can start none ({int(resources.get('CPU', 0))} CPUs, 0 GPUs{waited}); "
+                    "set use_gpu=false, connect to a GPU cluster (RAY_ADDRESS), or set "
+                    "RAYSYS_GPU_WAIT_S to wait for GPU nodes started another way"
+                )
+            if declared is not None:
+                source = f"RAYSYS_GPU_CAPACITY={declared:g}"
+            elif auto is None:
+                source = "no autoscaler config, so Ray cannot say how far it grows"
+            else:
+                source = f"autoscaler max {auto}"
             raise GPUUnavailable(
-                f"{what}: use_gpu=true but the Ray cluster has no GPU and its autoscaler "
-                f"can start none ({int(resources.get('CPU', 0))} CPUs, 0 GPUs"
-                + (f" after waiting {wait_s:g} s" if wait_s else "")
-                + "); set use_gpu=false, connect to a GPU cluster (RAY_ADDRESS), or set "
-                "RAYSYS_GPU_WAIT_S to wait for GPU nodes started another way"
+                f"{what}: needs {need:g} GPU{'s' * (need != 1)}"
+                + (f" ({how})" if how else "")
+                + f" but the Ray cluster can reach {reach:g} ({gpus:g} up now, {source}"
+                f"{waited}); ask for fewer, or set RAYSYS_GPU_CAPACITY=N if nodes "
+                "started another way will bring N GPUs in all (RAYSYS_GPU_WAIT_S: wait for them)"
             )
         time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+
+# Each Ray Train worker holds one whole GPU (train.scaling.use_gpu).
+TRAIN_GPUS_PER_WORKER = 1
+
+
+def train_gpu_need(scaling: Any) -> tuple[float, str]:
+    """(GPUs, how) that training on ``scaling`` (train.scaling) holds at once."""
+    n = scaling.num_workers
+    return n * TRAIN_GPUS_PER_WORKER, (
+        f"train.scaling.num_workers={n} x {TRAIN_GPUS_PER_WORKER} GPU"
+    )
+
+
+def pool_gpu_need(pool: Any, name: str = "pool") -> tuple[float, str]:
+    """(GPUs, how) that a GPU actor pool needs to start: all of a fixed
+    pool's actors, one actor of an autoscaling one."""
+    per = f"{pool.gpus_per_actor:g} GPU"
+    if pool.actors:
+        return pool.actors * pool.gpus_per_actor, f"{name}.actors={pool.actors} x {per}"
+    return pool.gpus_per_actor, f"1 actor of the autoscaling {name} x {per}"
+
+
+def check_gpu_stages(cfg: Any, stages: list[str], ray: Any = None) -> None:
+    """Before a pipeline's first stage: every GPU stage in ``stages`` (train,
+    encode, rerank) fits the cluster (see :func:`require_gpus`), so a pool
+    the cluster cannot hold fails in seconds, not after hours of training.
+    Connects to Ray (:func:`ensure_ray`) only when a stage uses GPUs and no
+    ``ray`` is given."""
+    needs: list[tuple[str, float, str]] = []
+    if "train" in stages and cfg.train.enabled and cfg.train.scaling.use_gpu:
+        needs.append(("training (train.scaling.use_gpu)", *train_gpu_need(cfg.train.scaling)))
+    for stage, name, pool in (
+        ("encode", "encode.pool", cfg.encode.pool),
+        ("rerank", "reranker.pool", cfg.reranker.pool),
+    ):
+        if stage in stages and pool.use_gpu:
+            needs.append((f"{stage} ({name}.use_gpu)", *pool_gpu_need(pool, name)))
+    if not needs:
+        return
+    if ray is None:
+        ensure_ray()
+        import ray
+    for what, need, how in needs:
+        require_gpus(ray, what, need=need, how=how)
 
 
 def check_worker_device(use_gpu: bool, what: str) -> None:
@@ -283,17 +365,22 @@ def set_actor_threads(opts: dict[str, Any]) -> int:
     return threads
 
 
-def pool_strategy(ray: Any, pool: Any) -> tuple[dict[str, int], float, int]:
+def pool_strategy(
+    ray: Any, pool: Any, what: str = "actor pool"
+) -> tuple[dict[str, int], float, int]:
     """(``ActorPoolStrategy`` kwargs, CPUs per actor, actors for thread sizing).
 
     ``pool.actors > 0`` fixes the pool's size. Otherwise a GPU pool
     autoscales from 1 actor up to ``pool.max_actors`` (0: no cap), so actors
     are added as GPU nodes join an autoscaling cluster instead of being fixed
     by the GPUs up at submit time; it starts with as many actors as GPUs are
-    up. A CPU pool keeps a fixed size (see :func:`pool_size`).
+    up. A CPU pool keeps a fixed size (see :func:`pool_size`). A GPU pool the
+    cluster can never hold (fixed actors x GPUs per actor) fails here (see
+    :func:`require_gpus`).
     """
     if pool.use_gpu:
-        gpus = require_gpus(ray, "actor pool")
+        need, how = pool_gpu_need(pool)
+        gpus = require_gpus(ray, what, need=need, how=how)
     if pool.use_gpu and not pool.actors:
         up = int(gpus / pool.gpus_per_actor)
         cap = pool.max_actors or None
@@ -341,10 +428,12 @@ def tokenize_and_map(
     actor: type,
     actor_kwargs: dict[str, Any],
     pool: Any,
+    what: str = "actor pool",
 ) -> Any:
     """``ds`` tokenized in tasks, then mapped by ``actor`` on a pool.
 
-    ``pool`` is a :class:`raysys.config.PoolConfig`. The actor is built with
+    ``pool`` is a :class:`raysys.config.PoolConfig`; ``what`` names the stage
+    in errors (e.g. a GPU pool the cluster cannot hold). The actor is built with
     ``actor_kwargs`` plus ``opts``: the pool section as a dict, with
     ``actors`` set to the pool's actual size (actors size their torch thread
     pools from it).
@@ -354,7 +443,7 @@ def tokenize_and_map(
     import ray
 
     batch_size, use_gpu = pool.batch_size, pool.use_gpu
-    strategy, cpus, n_actors = pool_strategy(ray, pool)
+    strategy, cpus, n_actors = pool_strategy(ray, pool, what)
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = 4 * 1024 * 1024
     ds = ds.map_batches(

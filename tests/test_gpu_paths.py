@@ -313,9 +313,12 @@ def test_deepspeed_config_precision_and_lora_persistence():
     assert full["fp16"]["enabled"] and not full["bf16"]["enabled"]
     assert full["fp16"]["loss_scale"] == 0  # dynamic loss scaling
     assert full["zero_optimization"]["stage3_param_persistence_threshold"] == 0
-    # LoRA: the small adapters stay whole (no all-gather per micro-step).
+    # LoRA: the adapters stay whole (no all-gather per micro-step): at least
+    # DeepSpeed's default threshold, raised to the largest adapter's size.
     lora = deepspeed_config(t, 2, lora=True)
-    assert "stage3_param_persistence_threshold" not in lora["zero_optimization"]
+    assert lora["zero_optimization"]["stage3_param_persistence_threshold"] == 100_000
+    big = deepspeed_config(t, 2, lora=True, persist_numel=352_256)
+    assert big["zero_optimization"]["stage3_param_persistence_threshold"] == 352_256
 
 
 class _Recorder:

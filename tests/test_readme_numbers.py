@@ -19,6 +19,11 @@ UNBACKED = sorted(
     "0.7035 6.7 0.925 0.6839 0.955 0.7035 0.963 0.6366 0.963 0.7246 0.963 6.7 2.1 1.7 1.4 "
     "2.8 0.7 0.35 0.7035".split()
 )
+# The whole-number figures (benchmarks/readme_numbers.py, WHOLE_UNIT and
+# WHOLE_CELL) still waiting for a results file: the SciFact reranker's
+# (scifact_rerank.json is typed in), the demo's and the suite's wall times, and
+# times read from logs (polysemous PQ training, DeepSpeed's op build). This list may only shrink too.
+UNBACKED_WHOLE = sorted("151 14 30,000 28 7 50 41 50 280 300".split())
 
 
 def test_every_readme_figure_is_traced_to_a_results_file():
@@ -31,7 +36,13 @@ def test_every_readme_figure_is_traced_to_a_results_file():
     for t in unbacked:
         print(f"  {t.figure}: {t.how}")
     assert len(measured) > 100
-    assert sorted(t.figure for t in unbacked) == UNBACKED, "the unbacked figures changed"
+    assert len([t for t in measured if t.whole]) > 60
+    assert sorted(t.figure for t in unbacked if not t.whole) == UNBACKED, (
+        "the unbacked figures changed"
+    )
+    assert sorted(t.figure for t in unbacked if t.whole) == UNBACKED_WHOLE, (
+        "the unbacked whole-number figures changed"
+    )
 
 
 def test_a_changed_figure_or_a_new_one_is_caught():
@@ -48,6 +59,46 @@ def test_a_changed_figure_or_a_new_one_is_caught():
     assert any("0.8123" in p and "no registry passage" in p for p in problems), problems
 
 
+def test_a_changed_whole_number_or_a_new_one_is_caught():
+    readme = (ROOT / "README.md").read_text()
+    # A table cell edited by hand: one digit off.
+    cell = "| 482 / 762 / 819 MiB | 539 / 863 / 998 MiB |"
+    assert cell in readme
+    problems, _ = rn.check(readme.replace(cell, cell.replace("863", "868")))
+    assert any("868" in p for p in problems), problems
+    # In prose, with thousands grouped.
+    assert "said 50,880 of 100,000 passages" in readme
+    problems, _ = rn.check(readme.replace("said 50,880 of", "said 50,980 of"))
+    assert any("50,980" in p for p in problems), problems
+    # A new measurement with a unit, and a new results-table cell.
+    for new, fig in (
+        ("\nThe new run took 12 min.\n", "12"),
+        ("\nIt peaked at 1,234 MiB.\n", "1,234"),
+        ("\n| new run | 0.6424 | 17 |\n", "17"),
+    ):
+        problems, _ = rn.check(readme + new)
+        assert any(f"figure {fig} is in no registry passage" in p for p in problems), (
+            new,
+            problems,
+        )
+
+
+def test_whole_figures_are_measurements_by_form():
+    def found(text):
+        return [f for _, f in rn.whole_figures(rn.normalise(text))]
+
+    assert (
+        found("took 9 s and 1,222 s, 863 passages/s, 40% and 4× the batch")
+        == "9 1,222 863 40 4".split()
+    )
+    assert found("| 482 / 762 / 819 MiB | 25 / 212,202 / 20 | 30 |") == (
+        "482 762 819 25 212,202 20 30".split()
+    )
+    assert found("had 2 of 5 shards; 50,880 of 100,000 passages") == "2 5 50,880 100,000".split()
+    # Not measurements by form: names, versions, decimals, settings without a unit.
+    assert found("ZeRO-2 on 2 cores, 8 GPUs, PQ64x8, torch 2.13.0, 1.07×, 0.5 s, ranks 10–99") == []
+
+
 def test_a_results_file_that_changes_under_the_readme_is_caught(tmp_path, monkeypatch):
     src = json.loads((rn.RESULTS / "m3_scifact.json").read_text())
     src["m3-recipe"]["metrics_by_mode"]["dense"]["nDCG@10"] = 0.7301
@@ -61,6 +112,12 @@ def test_a_results_file_that_changes_under_the_readme_is_caught(tmp_path, monkey
     monkeypatch.setattr(rn, "RESULTS", fake)
     problems, _ = rn.check()
     assert any("0.7241" in p and "0.7301" in p for p in problems), problems
+    # A whole number: a peak RSS rounds to another MiB.
+    scale = json.loads((rn.RESULTS / "scale.json").read_text())
+    scale["sizes"][0]["stages"]["encode"]["worker_peak_rss_mib"] = 1177.2
+    (fake / "scale.json").write_text(json.dumps(scale))
+    problems, _ = rn.check()
+    assert any("1,176" in p and "1177.2" in p for p in problems), problems
 
 
 def test_formats_to_compares_at_the_quoted_digits():
@@ -71,6 +128,11 @@ def test_formats_to_compares_at_the_quoted_digits():
     assert rn.formats_to(-0.0028, "−0.003") and not rn.formats_to(0.0028, "−0.003")
     assert rn.formats_to(0.0812, "+0.0812") and not rn.formats_to(-0.0812, "+0.0812")
     assert rn.formats_to(-4.5, "4.5")  # "by 4.5 points": a magnitude
+    # Whole numbers: rounded to units, thousands grouped as the figure groups them.
+    assert rn.formats_to(1221.57, "1,222") and not rn.formats_to(1221.57, "1,221")
+    assert rn.formats_to(8.86, "9") and not rn.formats_to(9.6, "9")
+    assert rn.formats_to(100 * 0.4, "40") and rn.formats_to(1000, "1000")
+    assert rn.formats_to(699.5, "700") and not rn.formats_to(12220, "1,222")
 
 
 def test_every_results_file_is_dated_and_names_its_script():

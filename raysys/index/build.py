@@ -19,7 +19,14 @@
   ``index.tune_max_scan`` of the lists.
 - Saved: ``index.faiss`` (plus ``lists.ivfdata`` on disk), ``ids.parquet``
   (row number -> document id) and ``manifest.json`` (contract, factory
-  string, counts, default nprobe, tuning cost, passes over the embeddings).
+  string, counts, default nprobe, tuning cost, passes over the embeddings,
+  and the ``device`` each step ran on).
+- ``index.use_gpu``: training and each add run on GPU tasks, the index
+  cloned to the GPU with the options its PQ needs (:func:`gpu_cloner_options`).
+  An index GPU FAISS cannot hold runs on the CPU instead, with a warning on
+  the console and the reason in the manifest's ``device``.
+- FAISS is imported on first use, not at import: this module (and
+  :func:`auto_factory`) loads where FAISS is missing.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,8 +50,18 @@ from raysys.index.manifest import read_manifest, write_manifest
 from raysys.runtime import surface_user_errors
 from raysys.storage import Location, local_copy, resolve
 
+if TYPE_CHECKING:
+    import faiss
+
 log = logging.getLogger(__name__)
-faiss = load_faiss()
+
+
+def __getattr__(name: str) -> Any:
+    """``raysys.index.build.faiss``: the FAISS module, imported on first use."""
+    if name == "faiss":
+        return load_faiss()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -54,11 +71,16 @@ ONDISK_AUTO_THRESHOLD = 5_000_000
 TUNE_K = 10
 
 
-# Sub-quantiser counts GPU IVF-PQ supports (faiss/gpu/impl/IVFPQ.cu), and
-# its limit on code bytes per vector (with float16 lookup tables).
+# Sub-quantiser counts GPU IVF-PQ supports (IVFPQ::isSupportedPQCodeLength,
+# faiss/gpu/impl/IVFPQ.cu); 56, 64 and 96 only with float16 lookup tables.
 GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
-# ... and the dimensions per sub-quantiser it supports.
+# ... and the dimensions per sub-quantiser its specialised code-distance
+# kernel has (others take a slower matrix-multiply path).
 GPU_PQ_SUBDIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
+# GPU IVF-PQ holds a query's lookup table (M x 2^nbits distances) in one
+# thread block's shared memory (GpuIndexIVFPQ::verifyPQSettings_): at most
+# cudaDeviceProp::sharedMemPerBlock, 48 KiB on every CUDA GPU (H100/H200 too).
+GPU_SHARED_MEM_PER_BLOCK = 48 * 1024
 # CPU: at most this many code bytes per vector (a 4096-d decoder embedding
 # gets 256 B, not dim/2 = 2 KB).
 CPU_MAX_PQ_M = 256
@@ -69,7 +91,9 @@ def auto_factory(n: int, dim: int, gpu: bool = False) -> tuple[str, dict[str, An
     39 training points per list), PQ with ``dim/2`` sub-quantisers of 8 bits
     up to :data:`CPU_MAX_PQ_M` (fewer bits when the corpus cannot train 256
     centroids per sub-space); with ``gpu`` the largest count GPU IVF-PQ
-    supports (:data:`GPU_PQ_M`) that divides ``dim``. Tiny corpora get an
+    supports (:data:`GPU_PQ_M`) that divides ``dim``, always 8 bits (the
+    only width GPU IVF-PQ takes; over 48 sub-quantisers it needs float16
+    lookup tables, see :func:`gpu_cloner_options`). Tiny corpora get an
     exact ``Flat`` index."""
     if n < 1000:
         return "Flat", {"reason": f"{n} vectors: exact search is cheaper than IVF"}
@@ -84,16 +108,17 @@ def auto_factory(n: int, dim: int, gpu: bool = False) -> tuple[str, dict[str, An
             # Too wide for GPU codes (a 4096-d decoder embedding): an OPQ
             # rotation down to 4 dimensions per sub-quantiser first.
             m = max(x for x in GPU_PQ_M if 4 * x <= dim)
-            nbits = 8 if n >= 256 * 4 else max(4, int(math.log2(n / 4)))
+            nbits = 8  # GpuIndexIVFPQ::copyFrom: "only pq.nbits == 8 is supported"
             return f"OPQ{m}_{4 * m},IVF{nlist},PQ{m}x{nbits}np", {
                 "nlist": nlist,
                 "pq_m": m,
                 "pq_nbits": nbits,
                 "opq_dim": 4 * m,
             }
+        nbits = 8  # as above; n >= 1000 is enough points for 256 centroids
     else:
         m = max(m for m in range(1, max(1, min(dim // 2, CPU_MAX_PQ_M)) + 1) if dim % m == 0)
-    nbits = 8 if n >= 256 * 4 else max(4, int(math.log2(n / 4)))
+        nbits = 8 if n >= 256 * 4 else max(4, int(math.log2(n / 4)))
     # `np`: no polysemous training (FAISS's default for IVFPQ, 17x slower to
     # train here and not used by our search).
     return f"IVF{nlist},PQ{m}x{nbits}np", {"nlist": nlist, "pq_m": m, "pq_nbits": nbits}
@@ -141,6 +166,7 @@ def tune_nprobe(
     ivf = _ivf(index)
     if ivf is None:
         return 0, {}, {}
+    faiss = load_faiss()
     t0 = time.perf_counter()
     cap = max(1, min(ivf.nlist, int(max_scan * ivf.nlist)))
     recalls: dict[str, float] = {}
@@ -177,7 +203,7 @@ def tune_nprobe(
 
 def _ivf(index: faiss.Index) -> Any:
     try:
-        return faiss.extract_index_ivf(index)
+        return load_faiss().extract_index_ivf(index)
     except RuntimeError:
         return None
 
@@ -220,6 +246,7 @@ def require_faiss_gpu(what: str) -> Any:
     from raysys.errors import GPUUnavailable
     from raysys.index.faiss_lib import faiss_distributions
 
+    faiss = load_faiss()
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         raise GPUUnavailable(
             f"{what} on {socket.gethostname()}: index.use_gpu=true but FAISS "
@@ -229,25 +256,54 @@ def require_faiss_gpu(what: str) -> Any:
     return faiss.StandardGpuResources()
 
 
-def _to_gpu(res: Any, index: Any) -> Any | None:
-    """A GPU copy of ``index``, or None for a type GPU FAISS cannot hold."""
+def gpu_needs_float16_lookup(m: int, nbits: int = 8) -> bool:
+    """Whether GPU IVF-PQ with ``m`` sub-quantisers of ``nbits`` needs float16
+    lookup tables: a float32 table (4 B x m x 2^nbits) must fit in
+    :data:`GPU_SHARED_MEM_PER_BLOCK`, so at 8 bits m > 48 (56, 64, 96) needs
+    float16 (2 B: up to 96)."""
+    return 4 * m * 2**nbits > GPU_SHARED_MEM_PER_BLOCK
+
+
+def gpu_cloner_options(index: faiss.Index) -> Any:
+    """``GpuClonerOptions`` for ``index``: float16 lookup tables (``useFloat16``)
+    when its IVF-PQ needs them (:func:`gpu_needs_float16_lookup`), FAISS's
+    defaults otherwise (a Flat index keeps float32 vectors)."""
+    faiss = load_faiss()
+    options = faiss.GpuClonerOptions()
+    ivf = _ivf(index)
+    if ivf is not None:
+        ivf = faiss.downcast_index(ivf)
+        if isinstance(ivf, faiss.IndexIVFPQ) and gpu_needs_float16_lookup(ivf.pq.M, ivf.pq.nbits):
+            options.useFloat16 = True
+    return options
+
+
+def _to_gpu(res: Any, index: Any) -> tuple[Any | None, str]:
+    """(a GPU copy of ``index``, "") or, for an index GPU FAISS cannot hold,
+    (None, FAISS's reason)."""
+    faiss = load_faiss()
     try:
-        return faiss.index_cpu_to_gpu(res, 0, index)
-    except (RuntimeError, AttributeError):
-        return None
+        return faiss.index_cpu_to_gpu(res, 0, index, gpu_cloner_options(index)), ""
+    except (RuntimeError, AttributeError) as e:
+        # FAISS: "Error in <function> at <file>:<line>: Error: '<check>' failed: <message>"
+        why = " ".join(str(e).split()).rsplit(" failed: ", 1)[-1]
+        return None, why[:400] or type(e).__name__
 
 
-def train_on_gpu(untrained: bytes, sample: np.ndarray) -> bytes:
+def train_on_gpu(untrained: bytes, sample: np.ndarray) -> tuple[bytes, dict[str, str]]:
     """Train a serialised index on this process's GPU (a Ray task with a
-    GPU, or any process that has one); returns the trained CPU index,
-    serialised. Indexes GPU FAISS cannot hold train on the CPU with their
-    coarse k-means on the GPU."""
+    GPU, or any process that has one). Returns the trained CPU index,
+    serialised, and where it trained: ``{"used": "gpu"}``, or for an index
+    GPU FAISS cannot hold ``{"used": "cpu", "why": ...}`` (trained on the
+    CPU, its coarse k-means on the GPU; warned about)."""
+    faiss = load_faiss()
     res = require_faiss_gpu("index training")
     index = faiss.deserialize_index(np.frombuffer(untrained, dtype=np.uint8))
-    gpu = _to_gpu(res, index)
+    gpu, why = _to_gpu(res, index)
     if gpu is not None:
         gpu.train(sample)
-        return faiss.serialize_index(faiss.index_gpu_to_cpu(gpu)).tobytes()
+        return faiss.serialize_index(faiss.index_gpu_to_cpu(gpu)).tobytes(), {"used": "gpu"}
+    log.warning("index training falls back to the CPU (GPU FAISS cannot hold it): %s", why)
     ivf = _ivf(index)
     if ivf is not None:
         flat = faiss.IndexFlat(ivf.d, ivf.metric_type)
@@ -255,7 +311,16 @@ def train_on_gpu(untrained: bytes, sample: np.ndarray) -> bytes:
     index.train(sample)
     if ivf is not None:
         ivf.clustering_index = None
-    return faiss.serialize_index(index).tobytes()
+    return faiss.serialize_index(index).tobytes(), {"used": "cpu", "why": why}
+
+
+def _node_id() -> str:
+    """This Ray worker's node id, or ``local`` outside Ray (or without it)."""
+    try:
+        import ray
+    except ImportError:
+        return "local"
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 def _add_shard(
@@ -270,21 +335,27 @@ def _add_shard(
     """Ray task: read one shard once; add its vectors (ids = global row
     numbers) to a copy of the trained index (on the task's GPU with
     ``gpu``), written to ``part``; find the tuning queries' exact top k in
-    it. Returns the shard's ids, the top k, the task's peak RSS (MiB) and
-    its node."""
+    it. Returns the shard's ids, the top k, the task's peak RSS (MiB), its
+    node and, with ``gpu``, where the add ran (``device``: ``{"used":
+    "gpu"}`` or ``{"used": "cpu", "why": ...}``)."""
     import resource
 
-    import ray
-
+    faiss = load_faiss()
     index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     ids, vecs = read_embeddings(emb_dir, shard)
     row_ids = np.arange(start, start + len(vecs), dtype=np.int64)
-    on_gpu = _to_gpu(require_faiss_gpu("index add task"), index) if gpu else None
-    if on_gpu is not None:
-        on_gpu.add_with_ids(vecs, row_ids)
-        index = faiss.index_gpu_to_cpu(on_gpu)
-        del on_gpu
-    else:
+    device: dict[str, str] | None = None
+    if gpu:
+        on_gpu, why = _to_gpu(require_faiss_gpu("index add task"), index)
+        if on_gpu is not None:
+            on_gpu.add_with_ids(vecs, row_ids)
+            index = faiss.index_gpu_to_cpu(on_gpu)
+            del on_gpu
+            device = {"used": "gpu"}
+        else:
+            log.warning("index add of %s falls back to the CPU: %s", shard, why)
+            device = {"used": "cpu", "why": why}
+    if device is None or device["used"] == "cpu":
         index.add_with_ids(vecs, row_ids)
     resolve(part).write_bytes(faiss.serialize_index(index).tobytes())
     top = exact_topk(queries, vecs, start) if queries is not None and len(queries) else None
@@ -292,7 +363,8 @@ def _add_shard(
         "ids": pa.array(ids, pa.string()),
         "top": top,
         "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "node": ray.get_runtime_context().get_node_id(),
+        "node": _node_id(),
+        "device": device,
     }
 
 
@@ -313,6 +385,7 @@ def build_index(
 
     from raysys.runtime import ensure_ray, require_gpus
 
+    faiss = load_faiss()
     factory, seed = icfg.factory, icfg.seed
     if icfg.use_gpu:  # before any reading: fail in seconds
         ensure_ray()
@@ -358,6 +431,8 @@ def build_index(
                 train_size,
                 39 * nlist,
             )
+    train_device: dict[str, str] | None = None  # where a GPU build trained
+    kmeans_gpus = 0  # GPUs the CPU build's k-means ran on
     n_tune = 500 if ivf is not None and tune_queries is None else 0
     queries = None if ivf is None else tune_queries
     if train_size or n_tune:
@@ -373,13 +448,21 @@ def build_index(
             task = ray.remote(num_gpus=1, num_cpus=1, max_calls=1)(train_on_gpu)
             untrained = faiss.serialize_index(index).tobytes()
             with surface_user_errors():
-                trained_bytes = ray.get(task.remote(untrained, sample))
+                trained_bytes, train_device = ray.get(task.remote(untrained, sample))
+            if train_device["used"] == "cpu":
+                log.warning(
+                    "index.use_gpu=true, but GPU FAISS cannot hold %s: it trained on the CPU "
+                    "(slower; the manifest's device says why): %s",
+                    factory,
+                    train_device["why"],
+                )
             index = faiss.deserialize_index(np.frombuffer(trained_bytes, dtype=np.uint8))
             ivf = _ivf(index)
         elif train_size:
             if ivf is not None and faiss.get_num_gpus() > 0:
+                kmeans_gpus = faiss.get_num_gpus()
                 ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(dim, metric))
-                log.info("training IVF centroids on %d GPU(s)", faiss.get_num_gpus())
+                log.info("training IVF centroids on %d GPU(s)", kmeans_gpus)
             log.info("training %s on %d vectors", factory, len(sample))
             index.train(sample)
             if ivf is not None:
@@ -432,6 +515,9 @@ def build_index(
         bar.close()
         results = ray.get(futures)
     reads["add"] = len(results)  # each add task reads its one shard once
+    device = _device_record(icfg.use_gpu, train_device, [r.get("device") for r in results])
+    if kmeans_gpus:
+        device["kmeans_gpus"] = kmeans_gpus
     ids = pa.chunked_array([r["ids"] for r in results], pa.string())
     if len(ids) != n:
         raise RuntimeError(f"the add tasks read {len(ids)} ids, expected {n}")
@@ -508,6 +594,7 @@ def build_index(
         "shard_rows": [len(r["ids"]) for r in results],
         "add_task_peak_rss_mib": round(max(r["rss_mib"] for r in results), 1),
         "add_task_nodes": nodes,
+        "device": device,
         "embeddings": emb_dir.portable,
         "corpus": emb["corpus"],
     }
@@ -515,11 +602,45 @@ def build_index(
     return manifest
 
 
+def _device_record(
+    use_gpu: bool, train: dict[str, str] | None, adds: list[dict[str, str] | None]
+) -> dict[str, Any]:
+    """The manifest's ``device``: what was asked for, what training and the
+    add tasks ran on and, when any fell back to the CPU, FAISS's reason (a
+    fallback of the adds is warned about here, one of training on arrival)."""
+    if not use_gpu:
+        return {"requested": "cpu", "used": "cpu"}
+    ran = [a for a in adds if a]
+    on_cpu = [a for a in ran if a["used"] == "cpu"]
+    if on_cpu:
+        log.warning(
+            "index.use_gpu=true, but %d of %d shards were added on the CPU (slower; the "
+            "manifest's device says why): %s",
+            len(on_cpu),
+            len(adds),
+            on_cpu[0]["why"],
+        )
+    steps = ([train] if train else []) + ran
+    cpu_steps = [s for s in steps if s["used"] == "cpu"]
+    used = "gpu" if not cpu_steps else "cpu" if len(cpu_steps) == len(steps) else "gpu and cpu"
+    record: dict[str, Any] = {
+        "requested": "gpu",
+        "used": used,
+        "train": train["used"] if train else "none (trained already)",
+        "add": {"gpu": len(ran) - len(on_cpu), "cpu": len(on_cpu)},
+    }
+    if cpu_steps:
+        record["why"] = cpu_steps[0]["why"]
+    return record
+
+
 def _supports_ids(index: faiss.Index) -> bool:
+    faiss = load_faiss()
     return _ivf(index) is not None or isinstance(index, faiss.IndexIDMap)
 
 
 def _merge(into: faiss.Index, part: faiss.Index) -> None:
+    faiss = load_faiss()
     if isinstance(into, faiss.IndexIDMap2):
         into.merge_from(part, 0)
         return
@@ -533,6 +654,7 @@ def load_index(
 ) -> tuple[faiss.Index, list[str], dict[str, Any]]:
     """(index, row-number -> id list, manifest). A remote index is copied to
     the local cache first (on-disk lists are memory-mapped from there)."""
+    faiss = load_faiss()
     manifest = read_manifest(index_dir)
     d = local_copy(index_dir)
     # On-disk lists map lists.ivfdata themselves (found beside index.faiss).

@@ -38,6 +38,7 @@ from raysys.data.readers import CORPUS_SCHEMA, DataError, Report, iter_corpus
 from raysys.index.manifest import read_manifest, write_manifest
 from raysys.models.backbone import cached_tokenizer
 from raysys.models.hub import resolve_model
+from raysys.representations import base as rep_base
 from raysys.representations import get_representation
 from raysys.representations.dense import COLUMN
 from raysys.runtime import ensure_ray, set_actor_threads
@@ -190,6 +191,7 @@ class EncodeShardActor:
             )
         ]
         outs: dict[str, list[Any]] = defaultdict(list)
+        held = 0  # bytes of collected output on the device
         with torch.inference_mode(), self.settings.autocast():
             for rows, enc in prefetch(self._micro_batches(texts)):
                 if THROTTLE_S:
@@ -197,7 +199,13 @@ class EncodeShardActor:
                 enc = to_device(enc, self.device)
                 rep = self.model.represent(enc["input_ids"], enc["attention_mask"])
                 for r in self.reps:
-                    outs[r.name].append(r.collect(rep[r.name], self.dtype))
+                    part = r.collect(rep[r.name], self.dtype)
+                    held += rep_base.device_bytes(part)
+                    outs[r.name].append(part)
+                if held > rep_base.DEVICE_HOLD_BYTES:
+                    for r in self.reps:
+                        outs[r.name] = r.flush(outs[r.name])
+                    held = sum(rep_base.device_bytes(p) for r in self.reps for p in outs[r.name])
                 if self.progress is not None:
                     self.progress.put.remote({"rows": rows})
         cols: dict[str, Any] = {"id": shard.column("id")}
@@ -353,7 +361,7 @@ def _run_encode(
     items = [
         {"name": s["name"], "source": out.join(CORPUS_DIR, s["name"]).portable} for s in pending
     ]
-    strategy, cpus, n_actors = pool_strategy(ray, enc.pool)
+    strategy, cpus, n_actors = pool_strategy(ray, enc.pool, "encode (encode.pool.use_gpu)")
     channel = progress_channel()
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         EncodeShardActor,

@@ -5,8 +5,10 @@ tokenization overlapped with the forward passes.
 Encode actors, rerank actors and query encoding share it, so the same pool
 settings (:class:`raysys.config.PoolConfig`) mean the same thing everywhere:
 
-- ``precision``: ``fp32``; ``bf16`` (GPU: weights in bf16; CPU: bf16
-  autocast); ``fp16`` (GPU only: weights in fp16, for V100/T4).
+- ``precision``: ``auto`` (the pools' default: bf16 on a GPU that supports
+  it, i.e. Ampere and later; fp32 on older GPUs and on CPUs); ``fp32``;
+  ``bf16`` (GPU: weights in bf16; CPU: bf16 autocast); ``fp16`` (GPU only:
+  weights in fp16, for V100/T4). See :func:`resolve_precision`.
 - ``tf32``: TF32 matmuls for the fp32 parts on Ampere and later.
 - ``attn_implementation``: passed to ``from_pretrained`` (``sdpa``,
   ``flash_attention_2``, ``eager``; empty: the model's default).
@@ -31,6 +33,22 @@ from raysys.runtime import check_worker_device
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_precision(precision: str, device: str, legacy_bf16: bool = False) -> str:
+    """The precision a pool runs in on ``device``: ``auto`` is bf16 on a CUDA
+    device with native bf16 (Ampere and later; V100/T4 only emulate it,
+    slowly), else fp32; ``legacy_bf16`` (the older ``bf16: true`` switch)
+    turns fp32 and auto into bf16. An explicit fp32/bf16/fp16 is kept."""
+    if precision in ("", "auto"):
+        if legacy_bf16:
+            return "bf16"
+        on_gpu = str(device).startswith("cuda") and torch.cuda.is_available()
+        native = on_gpu and torch.cuda.is_bf16_supported(including_emulation=False)
+        return "bf16" if native else "fp32"
+    if precision == "fp32" and legacy_bf16:
+        return "bf16"
+    return precision
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     device: str
@@ -50,10 +68,12 @@ class InferenceSettings:
 
     @classmethod
     def for_device(cls, device: str, opts: dict[str, Any]) -> InferenceSettings:
-        """Settings on a given device from a pool section as a dict."""
-        precision = str(opts.get("precision") or "fp32")
-        if precision == "fp32" and opts.get("bf16"):
-            precision = "bf16"  # the older switch
+        """Settings on a given device from a pool section as a dict (its
+        ``precision`` resolved by :func:`resolve_precision`; a dict without
+        one runs fp32)."""
+        precision = resolve_precision(
+            str(opts.get("precision") or "fp32"), str(device), bool(opts.get("bf16"))
+        )
         return cls(
             device=str(device),
             precision=precision,

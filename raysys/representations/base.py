@@ -20,14 +20,59 @@ dict keyed by name); embedding manifests and index manifests record them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from raysys.storage import Location
+
+PIN_BUDGET = 1 << 30  # bytes staged in pinned memory per to_host call; the rest pageable
+# Bytes of collected output an encoder may hold on the device before token-level
+# kinds copy what they hold to the host (one copy per flush, not per micro-batch):
+# a 200k-passage shard of multi-vector output is 30-50 GB, more than a GPU holds.
+DEVICE_HOLD_BYTES = 2 << 30
+
+
+def device_bytes(part: Any) -> int:
+    """Bytes of device (non-CPU) tensors in one collected part: a tensor, or a
+    dataclass of tensors; host data counts 0."""
+    if isinstance(part, torch.Tensor):
+        tensors = [part]
+    elif hasattr(part, "__dict__"):
+        tensors = list(vars(part).values())
+    else:
+        return 0
+    return sum(
+        t.numel() * t.element_size()
+        for t in tensors
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu"
+    )
+
+
+def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` on the CPU, copied together, with one wait at the end. The
+    encoder calls it once per batch (shard) for all its micro-batches'
+    outputs, not once per micro-batch. From a GPU, copies go without blocking
+    into pinned memory up to ``PIN_BUDGET`` bytes (torch caches pinned blocks
+    for good, so a shard's multi-vector output must not all be pinned), the
+    rest into pageable memory."""
+    out = []
+    pinned = 0
+    for t in tensors:
+        size = t.numel() * t.element_size()
+        if t.device.type == "cuda" and pinned + size <= PIN_BUDGET:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            out.append(host.copy_(t, non_blocking=True))
+            pinned += size
+        else:
+            out.append(t.cpu())
+    for dev in {t.device for t in tensors if t.device.type == "cuda"}:
+        torch.cuda.current_stream(dev).synchronize()
+    return out
 
 
 class SearchIndex(Protocol):
@@ -50,8 +95,15 @@ class Representation(ABC):
 
     def collect(self, output: Any, dtype: str) -> Any:
         """What the encoder keeps of one micro-batch's output until its shard
-        is done (the dense output stays on the device)."""
+        is done: on the device, detached (no copy to the host, no sync);
+        :meth:`combine` copies a shard's parts at once (:func:`to_host`)."""
         return output
+
+    def flush(self, parts: list[Any]) -> list[Any]:
+        """``parts`` with what they hold on the device copied to the host, in
+        order, for when the encoder's :data:`DEVICE_HOLD_BYTES` is reached.
+        Kinds with small outputs (dense) keep them on the device."""
+        return parts
 
     @abstractmethod
     def combine(self, parts: list[Any]) -> Any:

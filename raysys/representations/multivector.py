@@ -16,7 +16,9 @@ tokens.
 - **Scorer:** MaxSim, exact, over given rows (candidates) or by brute force
   over the whole store (``search``: costs one pass over every token; at scale
   use the hybrid mode, whose candidates come from the dense and sparse
-  indexes). A torch version serves training.
+  indexes). A torch version serves training: :func:`maxsim`, a block of
+  passages at a time, so the ``(Bq, Np, Lq, Lp)`` similarities (8.6 GB in
+  fp32 at jobs/m3_msmarco.yaml's batch) never exist at once.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ import pyarrow as pa
 import torch
 
 from raysys.index.manifest import read_manifest, write_manifest
-from raysys.representations.base import Representation
+from raysys.representations.base import Representation, to_host
 from raysys.storage import Location, local_copy, resolve
 
 COLUMN = "mv"
 IDS_FILE = "ids.parquet"
 TOKEN_BLOCK = 8192  # passage tokens scored at once in a brute-force search
 QUERY_BLOCK = 64
+MAXSIM_BLOCK = 1 << 26  # training MaxSim: similarities held at once (256 MiB in fp32)
 
 
 @dataclass
@@ -50,22 +53,97 @@ class TokenVectors:
     mask: torch.Tensor
 
 
-def maxsim(q: TokenVectors, p: TokenVectors) -> torch.Tensor:
-    """``(Bq, Np)`` MaxSim scores of every query against every passage."""
-    qv, pv = q.vectors.float(), p.vectors.float()
-    sim = torch.einsum("bid,pjd->bpij", qv, pv)  # (Bq, Np, Lq, Lp)
-    sim = sim.masked_fill(~p.mask.bool()[None, :, None, :], torch.finfo(sim.dtype).min)
-    best = sim.max(dim=-1).values  # (Bq, Np, Lq)
-    qm = q.mask.to(best.dtype)
-    best = best * qm[:, None, :]
-    return best.sum(-1) / qm.sum(-1).clamp(min=1)[:, None]
+class _BlockMax(torch.autograd.Function):
+    """Per query token, its best inner product with each passage's counted
+    tokens, computed a block of passages at a time, forward and backward.
+
+    ``flat_q`` ``(R, d)`` (query tokens), ``pv`` ``(Np, Lp, d)``, ``pad``
+    ``(1, Np * Lp)`` (True: a padded passage token) -> ``(R, Np)``. Backward
+    keeps only the argmax indices, and writes each block's passage gradient
+    into place, so no tensor larger than a block (or than the inputs) exists.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, flat_q: torch.Tensor, pv: torch.Tensor, pad: torch.Tensor, per: int
+    ) -> torch.Tensor:
+        n_p, lp, d = pv.shape
+        rows = flat_q.shape[0]
+        low = torch.finfo(flat_q.dtype).min
+        top = flat_q.new_empty(rows, n_p)
+        idx = torch.empty(rows, n_p, dtype=torch.long, device=flat_q.device)
+        for a in range(0, n_p, per):
+            n = min(per, n_p - a)
+            sim = flat_q @ pv[a : a + n].reshape(n * lp, d).T  # (R, n Lp)
+            sim.masked_fill_(pad[:, a * lp : (a + n) * lp], low)  # padding never wins
+            best = sim.view(rows, n, lp).max(dim=-1)
+            top[:, a : a + n] = best.values
+            idx[:, a : a + n] = best.indices
+        ctx.save_for_backward(flat_q, pv, pad, idx)
+        ctx.per = per
+        return top
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        flat_q, pv, pad, idx = ctx.saved_tensors
+        n_p, lp, d = pv.shape
+        rows = flat_q.shape[0]
+        gq = torch.zeros_like(flat_q) if ctx.needs_input_grad[0] else None
+        gp = torch.empty_like(pv) if ctx.needs_input_grad[1] else None
+        for a in range(0, n_p, ctx.per):
+            n = min(ctx.per, n_p - a)
+            # The max's gradient: to the winning token only; none to padding
+            # (a passage with no counted token gets none, as masked_fill's).
+            g = grad.new_zeros(rows, n, lp)
+            g.scatter_(2, idx[:, a : a + n, None], grad[:, a : a + n, None])
+            g = g.view(rows, n * lp).masked_fill_(pad[:, a * lp : (a + n) * lp], 0)
+            if gq is not None:
+                gq.addmm_(g, pv[a : a + n].reshape(n * lp, d))
+            if gp is not None:
+                torch.mm(g.T, flat_q, out=gp[a : a + n].view(n * lp, d))
+        return gq, gp, None, None
+
+
+def maxsim(q: TokenVectors, p: TokenVectors, block: int = MAXSIM_BLOCK) -> torch.Tensor:
+    """``(Bq, Np)`` MaxSim scores of every query against every passage (fp32).
+
+    Passages are scored ``block // (Bq * Lq * Lp)`` at a time (at least one),
+    so at most about ``block`` similarities exist at once, in the forward
+    pass and in the backward pass, never the whole ``(Bq, Np, Lq, Lp)``.
+    """
+    qv, pv = q.vectors.float(), p.vectors.float().contiguous()
+    bq, lq, d = qv.shape
+    n_p, lp = pv.shape[:2]
+    pad = ~p.mask.bool().reshape(1, n_p * lp)
+    per = max(1, block // max(1, bq * lq * lp))
+    top = _BlockMax.apply(qv.reshape(bq * lq, d), pv, pad, per).view(bq, lq, n_p)
+    qm = q.mask.to(top.dtype)
+    return (top * qm[:, :, None]).sum(1) / qm.sum(-1).clamp(min=1)[:, None]
 
 
 def batch_vectors(tv: TokenVectors) -> list[np.ndarray]:
     """Per row of a batch, its counted token vectors (float16, on the CPU)."""
-    vec = tv.vectors.detach().to(torch.float16).cpu().numpy()
-    mask = tv.mask.detach().bool().cpu().numpy()
-    return [v[m] for v, m in zip(vec, mask, strict=True)]
+    return parts_vectors([tv])
+
+
+def parts_vectors(parts: list[TokenVectors | list[np.ndarray]]) -> list[np.ndarray]:
+    """Per row of every part in order, its counted token vectors (float16). A
+    part is a micro-batch's :class:`TokenVectors` (all such parts reach the
+    host in one :func:`to_host` call) or a list of rows already on the host."""
+    dev = [p for p in parts if isinstance(p, TokenVectors)]
+    host = iter(
+        to_host(
+            [t for p in dev for t in (p.vectors.detach().to(torch.float16), p.mask.detach().bool())]
+        )
+    )
+    out: list[np.ndarray] = []
+    for part in parts:
+        if not isinstance(part, TokenVectors):
+            out += part
+            continue
+        vec, mask = next(host).numpy(), next(host).numpy()
+        out += [v[m] for v, m in zip(vec, mask, strict=True)]
+    return out
 
 
 def maxsim_np(query: np.ndarray, passages: list[np.ndarray]) -> np.ndarray:
@@ -186,11 +264,16 @@ class MultiVectorIndex:
 class MultiVectorRepresentation(Representation):
     name: ClassVar[str] = "multivector"
 
-    def collect(self, output: Any, dtype: str) -> list[np.ndarray]:
-        return batch_vectors(output)
+    def collect(self, output: Any, dtype: str) -> TokenVectors:
+        """The micro-batch's token vectors (float16) and mask, left on the device."""
+        return TokenVectors(output.vectors.detach().to(torch.float16), output.mask.detach().bool())
+
+    def flush(self, parts: list[Any]) -> list[Any]:
+        """One host list of the rows so far (``combine`` accepts it as a part)."""
+        return [self.combine(parts)]
 
     def combine(self, parts: list[Any]) -> list[np.ndarray]:
-        return [row for part in parts for row in part]
+        return parts_vectors(parts)
 
     def to_columns(self, parts: list[Any], dtype: str) -> dict[str, pa.Array]:
         rows = self.combine(parts)

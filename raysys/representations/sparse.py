@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 
 from raysys.index.manifest import read_manifest, write_manifest
-from raysys.representations.base import Representation
+from raysys.representations.base import Representation, to_host
 from raysys.storage import Location, local_copy, resolve
 
 IDS_COLUMN = "sparse_ids"
@@ -75,9 +75,23 @@ def terms_of(ids: np.ndarray, weights: np.ndarray) -> Terms:
 
 def batch_terms(tw: TokenWeights) -> list[Terms]:
     """Per row of a batch, its terms (on the CPU)."""
-    ids = tw.ids.detach().cpu().numpy()
-    w = tw.weights.detach().float().cpu().numpy()
-    return [terms_of(i, x) for i, x in zip(ids, w, strict=True)]
+    return parts_terms([tw])
+
+
+def parts_terms(parts: list[TokenWeights | list[Terms]]) -> list[Terms]:
+    """Per row of every part in order, its terms. A part is a micro-batch's
+    :class:`TokenWeights` (all such parts reach the host in one
+    :func:`to_host` call) or a list of terms already on the host."""
+    dev = [p for p in parts if isinstance(p, TokenWeights)]
+    host = iter(to_host([t for p in dev for t in (p.ids.detach(), p.weights.detach().float())]))
+    out: list[Terms] = []
+    for part in parts:
+        if not isinstance(part, TokenWeights):
+            out += part
+            continue
+        ids, w = next(host).numpy(), next(host).numpy()
+        out += [terms_of(i, x) for i, x in zip(ids, w, strict=True)]
+    return out
 
 
 def score_terms(query: Terms, passage: Terms) -> float:
@@ -176,11 +190,16 @@ class SparseIndex:
 class SparseRepresentation(Representation):
     name: ClassVar[str] = "sparse"
 
-    def collect(self, output: Any, dtype: str) -> list[Terms]:
-        return batch_terms(output)
+    def collect(self, output: Any, dtype: str) -> TokenWeights:
+        """The micro-batch's token ids and weights, left on the device."""
+        return TokenWeights(output.ids.detach(), output.weights.detach())
+
+    def flush(self, parts: list[Any]) -> list[Any]:
+        """One host list of the rows so far (``combine`` accepts it as a part)."""
+        return [self.combine(parts)]
 
     def combine(self, parts: list[Any]) -> list[Terms]:
-        return [row for part in parts for row in part]
+        return parts_terms(parts)
 
     def to_columns(self, parts: list[Any], dtype: str) -> dict[str, pa.Array]:
         rows = self.combine(parts)

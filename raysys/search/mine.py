@@ -6,6 +6,8 @@ The output is raysys groups JSONL (``query_id``, ``query``, ``positives``,
 data.corpus=CORPUS``. Sampling is seeded per query, so a rerun gives the same
 file. Optionally a reranker filters likely false negatives: a candidate scored
 within ``margin`` of the query's lowest-scored positive (or above it) is dropped.
+The reranker scores on the rerank stage's actor pool (``reranker.pool``: its
+actors, batch sizes and ``use_gpu``), every query's pairs in one pass.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from raysys.data.readers import Report
 from raysys.errors import UserError
@@ -72,13 +75,15 @@ def mine_groups(
     queries: dict[str, str],
     qrels: dict[str, dict[str, int]],
     spec: MineSpec,
-    reranker: Any = None,
-    corpus: dict[str, tuple[str, str]] | None = None,
+    reranker: str | None = None,
+    corpus: pa.Table | None = None,
+    pool: Any = None,
 ) -> list[dict[str, Any]]:
-    """Build groups from a run. ``reranker`` (with ``corpus``: id -> (title, text))
-    enables the false-negative filter; it is a :class:`raysys.models.reranker.Scorer`."""
+    """Build groups from a run. ``reranker`` (a reranker export's local path),
+    with ``corpus`` (a corpus table: id, title, text) and ``pool`` (a
+    :class:`raysys.config.PoolConfig`), enables the false-negative filter
+    (:func:`rerank_filter`)."""
     groups = []
-    dropped = 0
     for qid in sorted(qrels):
         pos = sorted(d for d, r in qrels[qid].items() if r > 0)
         if qid not in queries:
@@ -93,18 +98,68 @@ def mine_groups(
             continue
         ranked = sorted(hits, key=lambda d: (-hits[d], d))
         negs = sample_negatives(qid, ranked, set(pos), spec)
-        if reranker is not None and spec.margin is not None and negs:
-            assert corpus is not None, "the reranker filter needs the corpus texts"
-            docs = [corpus[d] for d in pos + negs]
-            scores = reranker.score([queries[qid]] * len(docs), docs)
-            negs, n_drop = filter_false_negatives(
-                scores[: len(pos)], negs, scores[len(pos) :], spec.margin
-            )
-            dropped += n_drop
         groups.append({"query_id": qid, "query": queries[qid], "positives": pos, "negatives": negs})
+    if reranker is not None and spec.margin is not None:
+        if corpus is None or pool is None:
+            raise ValueError("the reranker filter needs the corpus table and the pool settings")
+        rerank_filter(groups, corpus, reranker, pool, spec)
+    return groups
+
+
+def rerank_filter(
+    groups: list[dict[str, Any]], corpus: pa.Table, reranker: str, pool: Any, spec: MineSpec
+) -> int:
+    """Drop likely false negatives from ``groups`` in place; returns how many.
+
+    Every (query, positive) and (query, negative) pair of every group is scored
+    at once by the rerank stage (:func:`raysys.search.rerank.score_pairs_ray`:
+    its actor pool, on the GPU when ``pool.use_gpu``). Passages missing from
+    the corpus are counted and left unscored: such a negative is kept, and a
+    group with no scored positive keeps all its negatives.
+    """
+    from raysys.search import rerank
+
+    assert spec.margin is not None, "the reranker filter needs a margin"
+    cands = {
+        g["query_id"]: dict.fromkeys(g["positives"] + g["negatives"], 0.0)
+        for g in groups
+        if g["negatives"]
+    }
+    if not cands:
+        return 0
+    texts = {g["query_id"]: g["query"] for g in groups}
+    depth = max(len(c) for c in cands.values())
+    pairs, _ = rerank.candidate_pairs(cands, texts, corpus, depth, spec.report)
+    if not pairs.num_rows:
+        return 0
+    scored = rerank.score_pairs_ray(pairs, reranker, pool)
+    score = {
+        (q, d): float(x)
+        for q, d, x in zip(
+            scored.column("qid").to_pylist(),
+            scored.column("docid").to_pylist(),
+            scored.column("score").to_pylist(),
+            strict=True,
+        )
+    }
+    if len(score) != pairs.num_rows:
+        raise RuntimeError(f"mine: the reranker scored {len(score)} of {pairs.num_rows} pairs")
+    dropped = 0
+    for g in groups:
+        qid = g["query_id"]
+        pos_scores = [score[qid, d] for d in g["positives"] if (qid, d) in score]
+        if not g["negatives"] or not pos_scores:
+            continue
+        scored_negs = [d for d in g["negatives"] if (qid, d) in score]
+        kept, n_drop = filter_false_negatives(
+            pos_scores, scored_negs, [score[qid, d] for d in scored_negs], spec.margin
+        )
+        keep = set(kept)
+        g["negatives"] = [d for d in g["negatives"] if d in keep or (qid, d) not in score]
+        dropped += n_drop
     if dropped:
         spec.report.counts["negatives dropped by the reranker filter"] += dropped
-    return groups
+    return dropped
 
 
 def write_groups(groups: list[dict[str, Any]], path: str | Path) -> Path:
@@ -163,22 +218,13 @@ def mine(cfg: Any, out: str | Path) -> dict[str, Any]:
             run = exact_search_stage(cfg, work / "encode", wanted, encoder, topk=depth)
         else:
             run = search_stage(cfg, index_dir, wanted, encoder, topk=depth).run
-    scorer, corpus = None, None
+    reranker, corpus = None, None
     if m.reranker is not None and spec.margin is not None:
-        from raysys.models.reranker import Scorer
+        from raysys.models.hub import resolve_model
 
-        scorer = Scorer(m.reranker, opts=dataclasses.asdict(cfg.reranker.pool))
-        table = read_corpus(beir.corpus_path, spec.report, on_bad_line=cfg.data.on_bad_line)
-        corpus = dict(
-            zip(
-                table.column("id").to_pylist(),
-                zip(
-                    table.column("title").to_pylist(), table.column("text").to_pylist(), strict=True
-                ),
-                strict=True,
-            )
-        )
-    groups = mine_groups(run, queries, qrels, spec, scorer, corpus)
+        reranker = resolve_model(m.reranker)
+        corpus = read_corpus(beir.corpus_path, spec.report, on_bad_line=cfg.data.on_bad_line)
+    groups = mine_groups(run, queries, qrels, spec, reranker, corpus, cfg.reranker.pool)
     write_groups(groups, out)
     n_neg = [len(g["negatives"]) for g in groups]
     summary = {
@@ -188,7 +234,15 @@ def mine(cfg: Any, out: str | Path) -> dict[str, Any]:
         "n": spec.n,
         "seed": spec.seed,
         "index": str(index_dir) if index_dir else f"exact search over {work / 'encode'}",
-        "reranker_filter": {"model": m.reranker, "margin": spec.margin} if scorer else None,
+        "reranker_filter": (
+            {
+                "model": m.reranker,
+                "margin": spec.margin,
+                "pool": dataclasses.asdict(cfg.reranker.pool),
+            }
+            if reranker
+            else None
+        ),
         "corpus_skipped": corpus_skipped,
         **spec.report.to_dict(),
     }

@@ -132,6 +132,7 @@ def score_pairs_ray(pairs: pa.Table, model_path: str, pool: Any) -> pa.Table:
         actor=RerankActor,
         actor_kwargs={"model_path": model_path},
         pool=pool,
+        what="rerank (reranker.pool.use_gpu)",
     )
     parts = []
     bar = Progress("rerank", pairs.num_rows, "pairs")

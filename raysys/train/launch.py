@@ -13,7 +13,14 @@ from typing import Any
 from raysys.config import Config, to_dict
 from raysys.console import duration
 from raysys.errors import UserError
-from raysys.runtime import ensure_ray, progress_channel, require_gpus, worker_env
+from raysys.runtime import (
+    TRAIN_GPUS_PER_WORKER,
+    ensure_ray,
+    progress_channel,
+    require_gpus,
+    train_gpu_need,
+    worker_env,
+)
 from raysys.storage import Location, resolve
 from raysys.train.monitor import TrainMonitor
 from raysys.train.tasks import get_task
@@ -54,7 +61,8 @@ def run_training(cfg: Config, out_dir: str | Path | Location) -> TrainOutcome:
     task = task_cls(cfg)
     ensure_ray()
     if sc.use_gpu:  # before the data load: fail in seconds, not after it
-        require_gpus(ray, "training (train.scaling.use_gpu)")
+        need, how = train_gpu_need(sc)
+        require_gpus(ray, "training (train.scaling.use_gpu)", need=need, how=how)
     data = task.load_data()
     data_summary = task.data_summary(data)
     log.info("training data (%s): %s", t.task, data_summary)
@@ -76,7 +84,7 @@ def run_training(cfg: Config, out_dir: str | Path | Location) -> TrainOutcome:
             use_gpu=sc.use_gpu,
             resources_per_worker={
                 "CPU": sc.cpus_per_worker,
-                **({"GPU": 1} if sc.use_gpu else {}),
+                **({"GPU": TRAIN_GPUS_PER_WORKER} if sc.use_gpu else {}),
             },
         ),
         run_config=RunConfig(

@@ -19,13 +19,17 @@ size at the memory of one chunk:
 Under DeepSpeed each chunk's backward is one gradient-accumulation pass of
 the micro-batch: the engine's boundary flag is held off for every chunk but
 the last, which takes the boundary the engine would have had. ZeRO-0/1 then
-reduce once per micro-batch (at the boundary); ZeRO-2/3 reduce-scatter each
-chunk's gradients into the partitions, as they do for accumulation steps.
-No ``no_sync`` and no raw ``.backward()`` through the engine's module.
+reduce once per micro-batch (at the boundary). ZeRO-2/3 would reduce-scatter
+each chunk's gradients into the partitions, as they do for accumulation
+steps; where DeepSpeed has ``engine.coalesce_grad_reduction()`` (0.19.2+)
+the chunks' backward passes run inside it, so the micro-batch is reduced
+once, on leaving it (see :func:`coalesce_reduction`). No ``no_sync`` and no
+raw ``.backward()`` through the engine's module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -36,6 +40,12 @@ import torch
 from raysys.train.tasks.base import Reps, Task
 
 log = logging.getLogger(__name__)
+
+# Coalescing holds each rank's full local gradient of the trainable
+# parameters until the micro-batch's single reduction (ZeRO-2/3 otherwise
+# keep only their partition): worth it up to this size (LoRA adapters of a
+# 7B: ~0.2 GB in bf16; a full 7B: 14 GB, left to per-chunk reductions).
+COALESCE_MAX_GRAD_BYTES = 2 * 1024**3
 
 
 class StepStrategy(ABC):
@@ -85,13 +95,22 @@ class GradCacheStep(StepStrategy):
 
     ``replay_rng=False`` skips restoring the RNG before the second pass (a
     test shows that the gradients are then no longer exact under dropout).
+    ``coalesce_max_bytes``: the largest local gradient (trainable parameters
+    x their element size) for which ZeRO-2/3 reduce once per micro-batch
+    instead of once per chunk (0: never); see :func:`coalesce_reduction`.
     """
 
-    def __init__(self, chunk_size: int, replay_rng: bool = True) -> None:
+    def __init__(
+        self,
+        chunk_size: int,
+        replay_rng: bool = True,
+        coalesce_max_bytes: int = COALESCE_MAX_GRAD_BYTES,
+    ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         self.chunk_size = chunk_size
         self.replay_rng = replay_rng
+        self.coalesce_max_bytes = coalesce_max_bytes
 
     def __call__(self, engine: Any, task: Task, batch: Any, device: torch.device) -> float:
         chunks = task.split(batch, self.chunk_size)
@@ -111,21 +130,60 @@ class GradCacheStep(StepStrategy):
         del out, cached
         # Pass 3: each chunk again with a graph; its cached gradients through it.
         boundary = _natural_boundary(engine)
+        coalesce = coalesce_reduction(engine, len(chunks), self.coalesce_max_bytes)
         try:
-            for i, (chunk, state, g) in enumerate(zip(chunks, states, grads, strict=True)):
-                _set_boundary(engine, boundary if i == len(chunks) - 1 else False)
-                if self.replay_rng:
-                    state.restore(device)
-                reps = task.represent(engine, chunk, device)
-                surrogate = sum((reps[k].float() * grad).sum() for k, grad in g.items())
-                if not isinstance(surrogate, torch.Tensor):  # no gradient reached this chunk
-                    surrogate = sum(v.float().sum() * 0.0 for v in reps.values())
-                engine.backward(surrogate)
+            with coalesce:
+                for i, (chunk, state, g) in enumerate(zip(chunks, states, grads, strict=True)):
+                    _set_boundary(engine, boundary if i == len(chunks) - 1 else False)
+                    if self.replay_rng:
+                        state.restore(device)
+                    reps = task.represent(engine, chunk, device)
+                    surrogate = sum((reps[k].float() * grad).sum() for k, grad in g.items())
+                    if not isinstance(surrogate, torch.Tensor):  # no gradient reached it
+                        surrogate = sum(v.float().sum() * 0.0 for v in reps.values())
+                    engine.backward(surrogate)
             engine.step()
         finally:
             _set_boundary(engine, None)
         after.restore(device)
         return value
+
+
+def _trainable_grad_bytes(engine: Any) -> int:
+    """Bytes of one full local gradient of the engine's trainable parameters."""
+    return sum(
+        int(getattr(p, "ds_numel", p.numel())) * p.element_size()
+        for p in engine.module.parameters()
+        if p.requires_grad
+    )
+
+
+def coalesce_reduction(
+    engine: Any, chunks: int, max_bytes: int = COALESCE_MAX_GRAD_BYTES
+) -> contextlib.AbstractContextManager[Any]:
+    """``engine.coalesce_grad_reduction()`` where it turns a GradCache
+    micro-batch's per-chunk ZeRO-2/3 reductions into one, else a no-op context.
+
+    DeepSpeed's context (0.19.2+) keeps each ``engine.backward`` inside it
+    from reducing and reduces everything once on exit. One ``with`` block
+    must cover one whole optimizer step (its flush overwrites the averaged
+    gradients), so it is used only with ``gradient_accumulation_steps == 1``;
+    also not under ZeRO-0/1 (which reduce once per micro-batch anyway), for
+    optimizer wrappers it does not support (BF16/FP16_Optimizer), for one
+    chunk, or when the full local gradient would exceed ``max_bytes``.
+    """
+    nothing = contextlib.nullcontext()
+    if chunks < 2 or not hasattr(engine, "coalesce_grad_reduction"):
+        return nothing
+    if engine.zero_optimization_stage() not in (2, 3):
+        return nothing
+    if engine.gradient_accumulation_steps() != 1:
+        return nothing
+    if not hasattr(engine.optimizer, "_coalesce_grad_reduction"):
+        return nothing
+    if _trainable_grad_bytes(engine) > max_bytes:
+        return nothing
+    return engine.coalesce_grad_reduction()
 
 
 def _natural_boundary(engine: Any) -> bool:

@@ -91,19 +91,38 @@ def test_queries_are_encoded_on_the_gpu(bert, device):
     assert np.abs(on_dev - on_cpu).max() < 5e-3
 
 
-def test_faiss_ivfpq_on_gpu():
-    from raysys.index.build import auto_factory
+def _gpu_faiss():
+    """This process's FAISS, if it has GPU support and sees a GPU; else a skip
+    saying what is missing (the lent GPU image has no FAISS at all)."""
+    from raysys.errors import UserError
     from raysys.index.faiss_lib import load_faiss
 
-    faiss = load_faiss()
-    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
-        pytest.skip("this FAISS has no GPU support (faiss-cpu)")
+    try:
+        faiss = load_faiss()
+    except UserError as e:
+        pytest.skip(f"no FAISS here: {e}")
+    if not hasattr(faiss, "StandardGpuResources"):
+        pytest.skip("this FAISS has no GPU support (faiss-cpu); pip install 'raysys[gpu]'")
+    if faiss.get_num_gpus() == 0:
+        pytest.skip("this FAISS (faiss-gpu) sees no GPU")
+    return faiss
+
+
+def test_faiss_ivfpq_on_gpu():
+    """The GPU auto factory's IVF-PQ (96 sub-quantisers at 384-d) clones to
+    the GPU with the build's cloner options (float16 lookup tables)."""
+    faiss = _gpu_faiss()
+    from raysys.index.build import auto_factory, gpu_cloner_options
+
     rng = np.random.default_rng(0)
     x = rng.standard_normal((20000, 384)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    factory, _ = auto_factory(len(x), 384, gpu=True)
+    factory, chosen = auto_factory(len(x), 384, gpu=True)
+    assert chosen["pq_m"] == 96
     cpu_index = faiss.index_factory(384, factory, faiss.METRIC_INNER_PRODUCT)
-    gpu_index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu_index)
+    options = gpu_cloner_options(cpu_index)
+    assert options.useFloat16
+    gpu_index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu_index, options)
     gpu_index.train(x)
     gpu_index.add(x)
     faiss.GpuParameterSpace().set_index_parameter(gpu_index, "nprobe", 32)
@@ -112,25 +131,25 @@ def test_faiss_ivfpq_on_gpu():
 
 
 def test_index_trains_and_adds_on_the_gpu(tmp_path):
-    """train_on_gpu and a GPU add task give an index as good as the CPU's."""
-    from raysys.index.build import _add_shard, auto_factory, faiss, train_on_gpu
-
-    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
-        pytest.skip("this FAISS has no GPU support (faiss-cpu)")
+    """train_on_gpu and a GPU add task (called here, outside Ray) run on the
+    GPU, not a silent CPU fallback, and give an index as good as the CPU's."""
+    faiss = _gpu_faiss()
     from benchmarks.index_memory import write_shards
-
-    write_shards(tmp_path, 20000, 20000)
+    from raysys.index.build import _add_shard, auto_factory, train_on_gpu
     from raysys.index.encode import read_embeddings
 
+    write_shards(tmp_path, 20000, 20000)
     _, x = read_embeddings(tmp_path, "part-00000.parquet")
     factory, _ = auto_factory(len(x), x.shape[1], gpu=True)
     untrained = faiss.serialize_index(
         faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     ).tobytes()
-    trained = train_on_gpu(untrained, x[:10000])
+    trained, device = train_on_gpu(untrained, x[:10000])
+    assert device == {"used": "gpu"}
     out = _add_shard(
         trained, str(tmp_path), "part-00000.parquet", 0, str(tmp_path / "p"), x[:100], True
     )
+    assert out["device"] == {"used": "gpu"}
     index = faiss.deserialize_index(np.frombuffer((tmp_path / "p").read_bytes(), dtype=np.uint8))
     assert index.ntotal == len(x) and len(out["ids"]) == len(x)
     faiss.ParameterSpace().set_index_parameter(index, "nprobe", 32)

@@ -4,12 +4,14 @@ on query groups, with self-knowledge distillation (``train.m3``).
 Scores of every query against every passage in the global batch, one matrix
 per head: dense inner products, sparse term overlap (over vocabulary-sized
 weight vectors, so the max over a term's occurrences is differentiable) and
-MaxSim. **All three heads gather their representations across workers**
-(``train.loss.gather_negatives``), so the ensemble and its distillation see
-one candidate set; each rank's loss covers the global batch, and only its
-own rows carry gradient (times the world size: exact after averaging; each
-head's loss term and gradients on 2 workers equal one process over the whole
-batch, tests/test_m3_gather.py). ``LossOutput.terms`` holds each term.
+MaxSim (a block of passages at a time, forward and backward: see
+:func:`raysys.representations.multivector.maxsim`). **All three heads gather
+their representations across workers** (``train.loss.gather_negatives``), so
+the ensemble and its distillation see one candidate set; each rank's loss
+covers the global batch, and only its own rows carry gradient (times the
+world size: exact after averaging; each head's loss term and gradients on 2
+workers equal one process over the whole batch, tests/test_m3_gather.py).
+``LossOutput.terms`` holds each term.
 
 Loss (BGE-M3, Chen et al. 2024; FlagEmbedding's m3 recipe):
 

@@ -21,6 +21,12 @@ datasheet (H100 SXM 989 TFLOP/s, H200 the same).
 
     python -m benchmarks.gpu --models .device/models --corpus corpus.jsonl --out gpu.json
 
+``--only encode|train|rerank`` runs one step (``scripts/device_gpu.sh`` runs
+each in its own process, under its own time limit, with ``--work`` keeping
+the built models for the next); results are written after each model or
+stage, and a failed one is recorded (``"status": "error"``) while the rest
+still run (the exit status is then 1).
+
 ``--device cpu --quick`` is a smoke run of the code on a machine without a
 GPU (its numbers mean nothing).
 """
@@ -34,6 +40,8 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +73,11 @@ def texts_from(corpus: Path | None, n: int) -> list[str]:
     return [" ".join(rng.choices(words, k=rng.randrange(20, 300))) for _ in range(n)]
 
 
-def build_model(src: Path, name: str, dest: Path, **overrides: Any) -> Path:
+def build_model(src: Path, name: str, dest: Path, device: str = "cpu", **overrides: Any) -> Path:
     """A random-initialised model folder with ``src``'s config (plus
-    ``overrides``) and tokenizer, saved in bf16."""
+    ``overrides``) and tokenizer, saved in bf16; kept and reused when
+    ``dest`` already holds it (the harness runs each step in its own
+    process). Initialised on ``device`` (a 1B model: seconds on a GPU)."""
     from transformers import AutoConfig, AutoModel
 
     out = dest / name
@@ -77,11 +87,26 @@ def build_model(src: Path, name: str, dest: Path, **overrides: Any) -> Path:
     for k, v in overrides.items():
         setattr(config, k, v)
     torch.manual_seed(0)
-    model = AutoModel.from_config(config).to(torch.bfloat16)
-    model.save_pretrained(out)
+    try:
+        with torch.device(device):
+            model = AutoModel.from_config(config).to(torch.bfloat16)
+    except Exception as e:  # the CPU is slower, never wrong: one failure must not stop the call
+        print(
+            f"[build] {name} on {device} failed ({type(e).__name__}: {e}); on the CPU", flush=True
+        )
+        model = AutoModel.from_config(config).to(torch.bfloat16)
+    # Written whole or not at all: a step killed half-way leaves no model
+    # that the next step would take as built.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest))
+    model.save_pretrained(tmp)
+    del model
     for f in src.iterdir():
         if f.is_file() and f.name != "config.json" and not f.name.endswith(".safetensors"):
-            shutil.copy2(f, out / f.name)
+            shutil.copy2(f, tmp / f.name)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -110,7 +135,8 @@ def bench_encode(
 ) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
     from raysys.contract import EncodingContract
     from raysys.data.readers import CORPUS_SCHEMA
@@ -155,14 +181,14 @@ def bench_encode(
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    word = models.Transformer(
+    word = Transformer(
         str(path),
         max_seq_length=max_len,
         # The same weights' dtype as raysys (the saved models are bf16).
-        model_args={"attn_implementation": "sdpa", "dtype": dtype},
+        model_kwargs={"attn_implementation": "sdpa", "dtype": dtype},
     )
-    pool = models.Pooling(
-        word.get_word_embedding_dimension(),
+    pool = Pooling(
+        word.get_embedding_dimension(),
         pooling_mode="lasttoken" if pooling == "last" else pooling,
     )
     st = SentenceTransformer(modules=[word, pool], device=device)
@@ -332,10 +358,19 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     ap.add_argument("--only", default="encode,train,rerank")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder for the random-initialised models, kept and reused (default: a "
+        "temporary one, removed at the end)",
+    )
     args = ap.parse_args()
     dev, quick = args.device, args.quick
+    only = [s for s in ("encode", "train", "rerank") if s in args.only.split(",")]
     half = "bf16" if dev == "cuda" else "fp32"
-    work = Path(tempfile.mkdtemp(prefix="bench-models-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-models-"))
+    work.mkdir(parents=True, exist_ok=True)
     llama_1b = dict(
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8,
@@ -343,19 +378,29 @@ def main() -> None:
     if quick:
         llama_1b = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    minilm = build_model(args.models / "minilm", "minilm", work)
-    smol = build_model(
-        args.models / "smollm2", "smollm2-135m", work, **({} if not quick else llama_1b)
-    )
-    big = build_model(args.models / "smollm2", "llama-1b", work, **llama_1b)
+    # Only the models the chosen steps use (`quick` names its own folders:
+    # a shared --work never mixes tiny and full-size models).
+    tag = "-quick" if quick else ""
+
+    def minilm() -> Path:
+        return build_model(args.models / "minilm", "minilm", work, dev)
+
+    def smol() -> Path:
+        extra = llama_1b if quick else {}
+        return build_model(args.models / "smollm2", f"smollm2-135m{tag}", work, dev, **extra)
+
+    def big() -> Path:
+        return build_model(args.models / "smollm2", f"llama-1b{tag}", work, dev, **llama_1b)
+
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
         "torch": torch.__version__,
         "peak_bf16_flops": peak_flops(),
+        "quick": quick,
     }
     n = 64 if quick else 5183
     texts = texts_from(args.corpus, n)
-    only = set(args.only.split(","))
+    failed: list[str] = []
 
     def save() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -363,33 +408,70 @@ def main() -> None:
 
         write_results(args.out, result, "benchmarks/gpu.py")
 
+    def attempt(step: str, name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        """Run one measurement; a failure is recorded and the next one still
+        runs (one call of the GPU harness is to bring back all it can).
+        Results are written after each."""
+        t0 = time.perf_counter()
+        try:
+            r: dict[str, Any] | None = {**run(), "status": "ok"}
+        except Exception as e:  # recorded; the exit status says so
+            traceback.print_exc()
+            r = None
+            result.setdefault(step, {})[name] = {
+                "status": "error",
+                "error": f"{type(e).__name__}: {e}",
+            }
+            failed.append(f"{step}/{name}")
+            print(f"[{step}] {name}: FAILED {type(e).__name__}: {e}", flush=True)
+        if r is not None:
+            r["seconds"] = time.perf_counter() - t0
+            result.setdefault(step, {})[name] = r
+        save()
+        return r
+
     if "encode" in only:
-        result["encode"] = {}
         for name, path, pooling, max_len, count in (
             ("all-MiniLM-L6-v2", minilm, "mean", 256, n),
             ("SmolLM2-135M", smol, "last", 512, n),
             ("llama-1b", big, "last", 512, 100 if quick else 2000),
         ):
-            r = bench_encode(path, texts[:count], pooling, max_len, dev, half)
-            result["encode"][name] = r
-            print(f"[encode] {name}: raysys {r['raysys_tokens_per_s']:.0f} tok/s, "
-                  f"sentence-transformers {r['st_tokens_per_s']:.0f} tok/s, x{r['ratio']:.2f}, "
-                  f"MFU {r['raysys_mfu']}", flush=True)  # fmt: skip
-            save()
+            r = attempt(
+                "encode",
+                name,
+                lambda path=path, pooling=pooling, max_len=max_len, count=count: bench_encode(
+                    path(), texts[:count], pooling, max_len, dev, half
+                ),
+            )
+            if r is not None:
+                print(f"[encode] {name}: raysys {r['raysys_tokens_per_s']:.0f} tok/s, "
+                      f"sentence-transformers {r['st_tokens_per_s']:.0f} tok/s, x{r['ratio']:.2f}, "
+                      f"MFU {r['raysys_mfu']}", flush=True)  # fmt: skip
     if "train" in only:
-        result["train"] = {}
         for stage in (2, 3):
-            r = bench_train(big, texts[: (64 if quick else 2000)], dev, stage, 3 if quick else 12)
-            result["train"][f"zero{stage}"] = r
-            print(f"[train] ZeRO-{stage}: {r['tokens_per_s']:.0f} tok/s MFU {r['mfu']}", flush=True)
-            save()
+            r = attempt(
+                "train",
+                f"zero{stage}",
+                lambda stage=stage: bench_train(
+                    big(), texts[: (64 if quick else 2000)], dev, stage, 3 if quick else 12
+                ),
+            )
+            if r is not None:
+                print(f"[train] ZeRO-{stage}: {r['tokens_per_s']:.0f} tok/s MFU {r['mfu']}",
+                      flush=True)  # fmt: skip
     if "rerank" in only:
-        r = bench_rerank(minilm, texts[: (64 if quick else 5183)], dev, half)
-        result["rerank"] = r
-        print(f"[rerank] raysys {r['raysys_pairs_per_s']:.0f} pairs/s, plain loop "
-              f"{r['plain_pairs_per_s']:.0f}, x{r['ratio']:.2f}", flush=True)  # fmt: skip
-        save()
-    shutil.rmtree(work, ignore_errors=True)
+        r = attempt(
+            "rerank",
+            "all-MiniLM-L6-v2",
+            lambda: bench_rerank(minilm(), texts[: (64 if quick else 5183)], dev, half),
+        )
+        if r is not None:
+            print(f"[rerank] raysys {r['raysys_pairs_per_s']:.0f} pairs/s, plain loop "
+                  f"{r['plain_pairs_per_s']:.0f}, x{r['ratio']:.2f}", flush=True)  # fmt: skip
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

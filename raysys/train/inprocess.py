@@ -53,13 +53,25 @@ class StepTimes:
     probe: dict[str, Any] | None = None
 
 
-def init_single_process(device: torch.device) -> None:
+def indexed_device(device: torch.device | str) -> torch.device:
+    """``device`` with an index where CUDA needs one: ``cuda`` becomes
+    ``cuda:<current device>`` (``torch.cuda.set_device`` and NCCL reject a
+    CUDA device without an index); other devices pass through."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def init_single_process(device: torch.device) -> torch.device:
     """A one-rank process group (NCCL on a GPU, gloo on the CPU), as Ray
-    Train would set up for a worker."""
+    Train would set up for a worker; returns ``device`` indexed (see
+    :func:`indexed_device`)."""
     import torch.distributed as dist
 
+    device = indexed_device(device)
     if dist.is_initialized():
-        return
+        return device
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as s:
@@ -70,6 +82,7 @@ def init_single_process(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def train_steps(
@@ -96,7 +109,7 @@ def train_steps(
 
     t = cfg.train
     setup_accelerator_env(device.type == "cuda")
-    init_single_process(device)
+    device = init_single_process(device)  # "cuda" -> "cuda:<current>"
     init_deepspeed_comm(device.type == "cuda")
     rank, world = dist.get_rank(), dist.get_world_size()
     task = get_task(t.task)(cfg)

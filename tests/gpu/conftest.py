@@ -5,10 +5,16 @@ half-precision weights): a dry run of its code on a machine without a GPU,
 which proves nothing about GPUs but keeps that code from rotting unseen.
 ``scripts/test.sh`` (so CI) sets it; only the FAISS GPU tests skip there,
 and the dry run is marked ``slow`` (``-m "not slow"`` leaves it out).
+
+``RAYSYS_GPU_SUITE_REPORT=FILE`` appends one JSON line per test to FILE as
+each test ends (id, outcome, seconds, first line of the message): the record
+``scripts/device_gpu.sh`` brings back per test, kept even when its time
+limit cuts the suite short (JUnit XML is only written at the end).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -42,3 +48,36 @@ def half() -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16"
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With RAYSYS_GPU_SUITE_REPORT set: one JSON line per test, at its end
+    (a failed set-up or teardown counts as an error; a skip at set-up as a
+    skip)."""
+    path = os.environ.get("RAYSYS_GPU_SUITE_REPORT")
+    if not path or HERE not in Path(report.fspath).resolve().parents:
+        return
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        outcome = report.outcome if report.when == "call" else "error"
+        if report.skipped:
+            outcome = "skipped"
+    elif report.when == "teardown" and report.failed:
+        outcome = "error"
+    else:
+        return
+    message = ""
+    if not report.passed:
+        longrepr = report.longrepr
+        if isinstance(longrepr, tuple):  # a skip: (file, line, reason)
+            message = str(longrepr[2])
+        else:
+            crash = getattr(longrepr, "reprcrash", None)
+            message = crash.message if crash is not None else str(longrepr)
+    line = {
+        "id": report.nodeid,
+        "outcome": outcome,
+        "seconds": round(report.duration, 2),
+        "message": message.splitlines()[0][:300] if message else "",
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")

@@ -35,6 +35,17 @@ from raysys.search.runfile import read_run
 
 RESULTS = Path(__file__).parent / "results" / "scifact_rerank.json"
 STEPS = ("base", "round1", "round2", "reranker", "sweep")
+OWN = (
+    "what",
+    "commands",
+    "minutes",
+    "rows",
+    "train",
+    "reranker",
+    "rerank_stage",
+    "weight_sensitivity_on_test",
+)
+NAMES = ("base", "round1", "round2", "mine_10_100", "mine_0_100", "reranker", "rerank")
 WEIGHTS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
 
 
@@ -65,7 +76,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results = Path(args.results)
     res = json.loads(results.read_text()) if results.is_file() else {}
-    res = {k: v for k, v in res.items() if k != "written"}
+    # Only what this script writes is kept from an earlier run (its steps
+    # resume); anything else (a typed-in figure, a stale command) is dropped.
+    res = {k: v for k, v in res.items() if k in OWN}
+    res["commands"] = [c for c in res.get("commands", []) if c.split(": ")[0] in NAMES]
     job = str(ROOT / "jobs" / "scifact.yaml")
     rerank_job = str(ROOT / "jobs" / "scifact_rerank.yaml")
     res["what"] = (

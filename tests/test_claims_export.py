@@ -29,12 +29,15 @@ def _embed(model: torch.nn.Module, tok, texts: list[str], max_len: int) -> torch
 
 def test_full_fine_tuning_partitions_every_parameter_under_zero3() -> None:
     """Small parameters too (threshold 0), so the export's gather is exercised
-    on a tiny model; under LoRA DeepSpeed's default threshold stays."""
+    on a tiny model; under LoRA the threshold is raised to the adapters' size
+    (#34 fault 7), never below DeepSpeed's default."""
     train = load_config(None, ["train.zero_stage=3"]).train
     full = deepspeed_config(train, 2)["zero_optimization"]
     lora = deepspeed_config(train, 2, lora=True)["zero_optimization"]
+    big = deepspeed_config(train, 2, lora=True, persist_numel=352_256)["zero_optimization"]
     assert full["stage3_param_persistence_threshold"] == 0
-    assert "stage3_param_persistence_threshold" not in lora
+    assert lora["stage3_param_persistence_threshold"] == 100_000
+    assert big["stage3_param_persistence_threshold"] == 352_256
 
 
 @pytest.mark.slow

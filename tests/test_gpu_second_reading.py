@@ -125,6 +125,26 @@ def test_a_pipeline_checks_every_gpu_stage_before_the_first(fixed_cluster):
     check_gpu_stages(load_config(None, []), ["train", "encode", "rerank"])
 
 
+def test_run_pipeline_checks_its_gpu_stages_before_reading_data(
+    monkeypatch, fixed_cluster, tmp_path
+):
+    """run_pipeline itself makes the check, before the data is read: the
+    RankLLaMA recipe (16 workers) on a fixed 8-GPU cluster with a data path
+    that does not exist fails on the GPU count, not on the data."""
+    import ray
+
+    from raysys import runtime
+    from raysys.config import load_config
+    from raysys.errors import GPUUnavailable
+    from raysys.pipeline import run_pipeline
+
+    monkeypatch.setattr(runtime, "ensure_ray", lambda: None)
+    monkeypatch.setattr(ray, "cluster_resources", _Cluster(8).cluster_resources, raising=False)
+    cfg = load_config(REPO / "jobs" / "rankllama_msmarco.yaml", [f"data={tmp_path / 'missing'}"])
+    with pytest.raises(GPUUnavailable, match=r"^training \(train.scaling.use_gpu\): needs 16 GPUs"):
+        run_pipeline(cfg, tmp_path / "out")
+
+
 def _expected_gpus(text: str) -> int | None:
     m = re.search(r"Expected resources:[^.]*?(\d+)(?:-(\d+))? GPUs", text, re.S)
     return None if m is None else int(m.group(2) or m.group(1))

@@ -106,3 +106,83 @@ def test_device_bytes_counts_device_tensors_only() -> None:
     assert base.device_bytes(on_device) == 64
     assert base.device_bytes(mv_mod.TokenVectors(on_device, on_device.bool())) == 64 + 32
     assert base.device_bytes(torch.zeros(4, 8)) == 0 and base.device_bytes([1, 2]) == 0
+
+
+def test_the_encoder_flushes_past_the_hold_limit_and_keeps_the_columns(
+    tiny_bert_dir, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EncodeShardActor's loop: with every collected byte counted as held on
+    the device and a limit that one micro-batch passes, it flushes the
+    token-level kinds after each micro-batch; the shard's columns are those
+    of a run that never flushes (on the CPU nothing counts, so none do)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import raysys.index.encode as encode_mod
+    from raysys.data.readers import CORPUS_SCHEMA
+    from raysys.index.encode import EncodeShardActor
+    from raysys.models.m3 import export_m3
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(str(tiny_bert_dir))
+    c = EncodingContract(
+        model=str(tiny_bert_dir),
+        pooling="cls",
+        representations=list(REPRESENTATIONS),
+        multivector_dim=8,
+    )
+    m = M3Embedder(build_backbone(str(tiny_bert_dir)), c, tok.all_special_ids).eval()
+    model = export_m3(m.backbone, m.heads_state(), tok, c, tmp_path / "m3")
+    rows = [
+        (f"d{i}", "", " ".join(f"w{(i * j) % 30}" for j in range(1 + i % 9))) for i in range(23)
+    ]
+    shard = tmp_path / "part-00000.parquet"
+    pq.write_table(
+        pa.table([pa.array(x) for x in zip(*rows, strict=True)], schema=CORPUS_SCHEMA), shard
+    )
+
+    monkeypatch.setattr(encode_mod, "_node_id", lambda: "")  # asking Ray would start it
+
+    def encode(out: str) -> pa.Table:
+        actor = EncodeShardActor(
+            str(model),
+            c.to_dict(),
+            list(REPRESENTATIONS),
+            "float16",
+            str(tmp_path / out),
+            {"micro_batch": 4, "torch_threads": torch.get_num_threads()},
+        )
+        return actor.encode_shard(str(shard))
+
+    want = encode("plain")
+    flushes: list[int] = []
+    real_flush = {k: get_representation(k).flush for k in ("sparse", "multivector")}
+    for mod in (sp_mod, mv_mod):
+        cls = mod.SparseRepresentation if mod is sp_mod else mod.MultiVectorRepresentation
+        monkeypatch.setattr(
+            cls,
+            "flush",
+            lambda self, parts: flushes.append(len(parts)) or real_flush[self.name](parts),
+        )
+    monkeypatch.setattr(
+        base,
+        "device_bytes",
+        lambda p: sum(
+            t.numel() * t.element_size()
+            for t in (
+                [p]
+                if isinstance(p, torch.Tensor)
+                else vars(p).values()
+                if hasattr(p, "__dict__")
+                else []
+            )
+            if isinstance(t, torch.Tensor)
+        ),
+    )
+    monkeypatch.setattr(base, "DEVICE_HOLD_BYTES", 1)
+    got = encode("flushed")
+    assert len(flushes) >= 2 * 5, flushes  # both kinds, after every one of the >= 6 micro-batches
+    assert max(flushes) == 2  # the previous flush's host list and the new micro-batch
+    assert got.column_names == want.column_names
+    for k in want.column_names:
+        assert got.column(k).equals(want.column(k)), k

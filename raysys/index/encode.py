@@ -191,7 +191,11 @@ class EncodeShardActor:
             )
         ]
         outs: dict[str, list[Any]] = defaultdict(list)
-        held = 0  # bytes of collected output on the device
+        held = 0  # bytes of collected output on the device, of kinds that flush
+        # Kinds whose flush copies to the host (dense keeps its small output).
+        flushable = {
+            r.name for r in self.reps if type(r).flush is not rep_base.Representation.flush
+        }
         with torch.inference_mode(), self.settings.autocast():
             for rows, enc in prefetch(self._micro_batches(texts)):
                 if THROTTLE_S:
@@ -200,12 +204,13 @@ class EncodeShardActor:
                 rep = self.model.represent(enc["input_ids"], enc["attention_mask"])
                 for r in self.reps:
                     part = r.collect(rep[r.name], self.dtype)
-                    held += rep_base.device_bytes(part)
+                    if r.name in flushable:
+                        held += rep_base.device_bytes(part)
                     outs[r.name].append(part)
                 if held > rep_base.DEVICE_HOLD_BYTES:
                     for r in self.reps:
                         outs[r.name] = r.flush(outs[r.name])
-                    held = sum(rep_base.device_bytes(p) for r in self.reps for p in outs[r.name])
+                    held = 0
                 if self.progress is not None:
                     self.progress.put.remote({"rows": rows})
         cols: dict[str, Any] = {"id": shard.column("id")}

@@ -42,7 +42,7 @@ def resolve_precision(precision: str, device: str, legacy_bf16: bool = False) ->
         if legacy_bf16:
             return "bf16"
         on_gpu = str(device).startswith("cuda") and torch.cuda.is_available()
-        native = on_gpu and torch.cuda.is_bf16_supported(including_emulation=False)
+        native = on_gpu and _native_bf16()
         return "bf16" if native else "fp32"
     if precision == "fp32" and legacy_bf16:
         return "bf16"
@@ -193,3 +193,13 @@ def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
                 q.get_nowait()
             except queue.Empty:
                 t.join(timeout=0.05)
+
+
+def _native_bf16() -> bool:
+    """Whether the current GPU has bf16 in hardware (Ampere and later); torch
+    before 2.5 has no ``including_emulation`` and answers from the compute
+    capability alone."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:
+        return torch.cuda.get_device_capability()[0] >= 8

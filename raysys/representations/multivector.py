@@ -69,13 +69,13 @@ class _BlockMax(torch.autograd.Function):
     ) -> torch.Tensor:
         n_p, lp, d = pv.shape
         rows = flat_q.shape[0]
-        low = torch.finfo(flat_q.dtype).min
         top = flat_q.new_empty(rows, n_p)
         idx = torch.empty(rows, n_p, dtype=torch.long, device=flat_q.device)
         for a in range(0, n_p, per):
             n = min(per, n_p - a)
             sim = flat_q @ pv[a : a + n].reshape(n * lp, d).T  # (R, n Lp)
-            sim.masked_fill_(pad[:, a * lp : (a + n) * lp], low)  # padding never wins
+            # Padding never wins (sim's own lowest: under autocast it is not fp32).
+            sim.masked_fill_(pad[:, a * lp : (a + n) * lp], torch.finfo(sim.dtype).min)
             best = sim.view(rows, n, lp).max(dim=-1)
             top[:, a : a + n] = best.values
             idx[:, a : a + n] = best.indices

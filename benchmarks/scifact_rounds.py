@@ -90,6 +90,15 @@ def main() -> None:
     res.setdefault("commands", [])
 
     def save() -> None:
+        rows = res.get("rows", {})
+        done = {
+            "base": "base" in rows,
+            "round1": "round1" in rows,
+            "round2": "round2" in rows,
+            "reranker": "reranked_weight_0.5" in rows,
+            "sweep": "weight_sensitivity_on_test" in res,
+        }
+        res["pending"] = [step for step in STEPS if not done[step]]
         write_results(results, res, "benchmarks/scifact_rounds.py")
 
     def raysys(name: str, cli: list[str]) -> float:

@@ -217,3 +217,40 @@ def assert_probe_reproduced(model_dir: Path) -> None:
         got.insert(0, embedder.encode_texts(tok, probe["queries"], "query", formatted=True))
         want = probe["query_embeddings"] + want
     torch.testing.assert_close(torch.cat(got), torch.tensor(want), atol=1e-4, rtol=1e-4)
+
+
+def toy_train_overrides(model: Path | str, data: Path | str, *extra: str) -> list[str]:
+    """Config overrides training ``model`` on the toy groups in ``data`` (6
+    queries per device, groups of 4, CLS pooling), plus ``extra``."""
+    data = Path(data)
+    return [
+        f"model={model}",
+        f"data.groups={data / 'groups.jsonl'}",
+        f"data.corpus={data / 'corpus.jsonl'}",
+        "contract.pooling=cls",
+        "train.per_device_queries=6",
+        "train.group_size=4",
+        "train.optim.lr=1e-3",
+        *extra,
+    ]
+
+
+def tiny_m3(model_dir: Path | str, **contract: object) -> tuple:
+    """(M3 model in eval mode, tokenizer, contract) over a tiny BERT, seeded:
+    every representation, multi-vector dim 8, CLS pooling."""
+    import torch
+
+    from raysys.contract import EncodingContract
+    from raysys.models.backbone import build_backbone, load_tokenizer
+    from raysys.models.m3 import REPRESENTATIONS, M3Embedder
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(str(model_dir))
+    c = EncodingContract(
+        model=str(model_dir),
+        pooling="cls",
+        representations=list(REPRESENTATIONS),
+        multivector_dim=8,
+        **contract,
+    )
+    return M3Embedder(build_backbone(str(model_dir)), c, tok.all_special_ids).eval(), tok, c

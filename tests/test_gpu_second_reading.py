@@ -487,6 +487,7 @@ def _zero_child(args: dict[str, Any]) -> None:
     from raysys.train.loop import optimizer_step, plan_steps
     from raysys.train.steps import GradCacheStep, StandardStep
     from raysys.train.tasks import get_task
+    from tests.helpers import toy_train_overrides
 
     cpu = torch.device("cpu")
     out: dict[str, Any] = {}
@@ -506,19 +507,7 @@ def _zero_child(args: dict[str, Any]) -> None:
             return super().__call__(engine, task, batch, device)
 
     data = Path(args["data"])
-    zero2 = load_config(
-        None,
-        [
-            f"model={args['bert']}",
-            f"data.groups={data / 'groups.jsonl'}",
-            f"data.corpus={data / 'corpus.jsonl'}",
-            "contract.pooling=cls",
-            "train.per_device_queries=6",
-            "train.group_size=4",
-            "train.optim.lr=1e-3",
-            "train.zero_stage=2",
-        ],
-    )
+    zero2 = load_config(None, toy_train_overrides(args["bert"], data, "train.zero_stage=2"))
     states = {}
     for name in ("per_chunk", "default"):
         try:

@@ -14,20 +14,10 @@ import torch
 
 from raysys.config import ConfigError, load_config
 from raysys.train.steps import GradCacheStep, StandardStep, StepStrategy, make_step
+from tests.helpers import toy_train_overrides
 from tests.record import record
 
-
-def _overrides(model: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        f"model={model}",
-        f"data.groups={data / 'groups.jsonl'}",
-        f"data.corpus={data / 'corpus.jsonl'}",
-        "contract.pooling=cls",
-        "train.per_device_queries=6",
-        "train.group_size=4",
-        "train.optim.lr=1e-3",
-        *extra,
-    ]
+_overrides = toy_train_overrides
 
 
 class ChunkedFullGraph(StepStrategy):

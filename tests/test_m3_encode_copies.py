@@ -11,11 +11,10 @@ import torch
 import raysys.representations.base as base
 import raysys.representations.multivector as mv_mod
 import raysys.representations.sparse as sp_mod
-from raysys.contract import EncodingContract
-from raysys.models.backbone import build_backbone, load_tokenizer
-from raysys.models.m3 import REPRESENTATIONS, M3Embedder
+from raysys.models.m3 import REPRESENTATIONS
 from raysys.representations import get_representation
 from raysys.representations.sparse import terms_of
+from tests.helpers import tiny_m3
 
 
 def old_collect(name: str, out) -> list:  # noqa: ANN001
@@ -29,23 +28,10 @@ def old_collect(name: str, out) -> list:  # noqa: ANN001
     return [v[m] for v, m in zip(vec, mask, strict=True)]
 
 
-def tiny_m3(tiny_bert_dir) -> tuple:  # noqa: ANN001
-    """A tiny BERT's tokenizer, an M3 contract over it and the M3 model (seeded)."""
-    torch.manual_seed(0)
-    tok = load_tokenizer(str(tiny_bert_dir))
-    c = EncodingContract(
-        model=str(tiny_bert_dir),
-        pooling="cls",
-        representations=list(REPRESENTATIONS),
-        multivector_dim=8,
-    )
-    return tok, c, M3Embedder(build_backbone(str(tiny_bert_dir)), c, tok.all_special_ids).eval()
-
-
 @pytest.fixture(scope="module")
 def micro_batch_outputs(tiny_bert_dir) -> list[dict]:
     """A tiny M3 model's outputs for three micro-batches of different shapes."""
-    tok, c, m = tiny_m3(tiny_bert_dir)
+    m, tok, c = tiny_m3(tiny_bert_dir)
     batches = [
         ["w1 w2 w3 w4 w5 w6 w7 w1", "w2 w2 w9", "w4"],
         ["w5 w6 w7 w8", "w3"],
@@ -128,7 +114,7 @@ def test_the_encoder_flushes_past_the_hold_limit_and_keeps_the_columns(
     from raysys.index.encode import EncodeShardActor
     from raysys.models.m3 import export_m3
 
-    tok, c, m = tiny_m3(tiny_bert_dir)
+    m, tok, c = tiny_m3(tiny_bert_dir)
     model = export_m3(m.backbone, m.heads_state(), tok, c, tmp_path / "m3")
     rows = [
         (f"d{i}", "", " ".join(f"w{(i * j) % 30}" for j in range(1 + i % 9))) for i in range(23)

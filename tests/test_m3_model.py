@@ -9,23 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from raysys.contract import EncodingContract
-from raysys.models.backbone import build_backbone, load_tokenizer
 from raysys.models.embedder import load_embedder
 from raysys.models.m3 import REPRESENTATIONS, M3Embedder, export_m3
+from tests.helpers import tiny_m3
 
-
-def _m3(model_dir, **kw) -> tuple[M3Embedder, object, EncodingContract]:  # noqa: ANN001
-    torch.manual_seed(0)
-    tok = load_tokenizer(str(model_dir))
-    c = EncodingContract(
-        model=str(model_dir),
-        pooling="cls",
-        representations=list(REPRESENTATIONS),
-        multivector_dim=8,
-        **kw,
-    )
-    return M3Embedder(build_backbone(str(model_dir)), c, tok.all_special_ids).eval(), tok, c
+_m3 = tiny_m3
 
 
 def test_outputs_mask_special_and_padding_tokens(tiny_bert_dir) -> None:
